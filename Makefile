@@ -1,0 +1,30 @@
+# Set-up is two commands on a fresh machine: `make demo` and `make test`.
+# torch is pinned here (a local CPU wheel); pyproject only says torch>=2.5 so that
+# pip never resolves a newer CUDA build when torch is already present.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev,mnist]' $(TORCH_PIN)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/compress demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check compressor cli exporters tests bench
+	$(VENV)/bin/ruff format --check compressor cli exporters tests bench
+
+test: $(STAMP) lint
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,94 @@
+"""Helpers shared by the benchmark scripts: timing, tables, and RESULTS.md sections."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+OUT = Path(__file__).with_name("out")
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall time of `repeats` calls of `fn`, in seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """A GitHub markdown table of `rows` (dicts) in `columns` order."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    return (
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
+
+
+def write_section(name: str, body: str) -> None:
+    """Replaces (or appends) the `name` section of bench/RESULTS.md, between markers."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+def write_json(name: str, payload: object) -> Path:
+    OUT.mkdir(exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    return path
+
+
+def dense_baseline(
+    arch: str, spec: str, *, epochs: int, limit: int | None = None, seed: int = 0, **kwargs
+):
+    """A dense zoo model trained on `spec`, cached in bench/out so benchmarks share it.
+
+    Returns (model, data). The cache key holds every training setting, so a changed
+    setting retrains instead of reusing a stale model.
+    """
+    from compressor import zoo
+    from compressor.data import load_data
+    from compressor.io import load_model, save_model
+    from compressor.train import train_dense
+
+    data = load_data(spec, seed=seed, limit=limit)
+    extra = "-".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
+    key = (
+        f"dense-{arch}-{spec.replace(':', '_').replace('/', '_')}-e{epochs}-n{limit}-s{seed}{extra}"
+    )
+    path = OUT / f"{key}.pt2"
+    if path.exists():
+        return load_model(path).model, data
+    torch.manual_seed(seed)
+    shape = data.input_shape
+    model = zoo.build(
+        arch,
+        in_channels=shape[0],
+        num_classes=data.num_classes,
+        input_size=tuple(shape[1:]),
+        **kwargs,
+    )
+    train_dense(model, data.train, epochs=epochs)
+    OUT.mkdir(exist_ok=True)
+    save_model(model, path, example_inputs=(data.sample_inputs(2),), report={"method": "dense"})
+    return model, data

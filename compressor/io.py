@@ -1,0 +1,361 @@
+"""Loading and saving models in every format DESIGN.md accepts.
+
+The format is read from the file's content, never its extension: `model.pt` holding an
+ExportedProgram loads as one. Writes are atomic (temporary file + rename) and never
+touch the file a model was loaded from.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor import zoo
+from compressor.errors import CompressorError, InputError
+from compressor.lift import lift
+
+META_FILE = "compressor.json"
+META_FORMAT = "compressor.pt2"
+META_VERSION = 1
+STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth")
+TO_PT2_HINT = (
+    "in Python: torch.export.save(torch.export.export(model.eval(), (example_input,)), "
+    "'model.pt2'), or save model.state_dict() and pass --arch"
+)
+
+
+@dataclass
+class Loaded:
+    """A model read from disk, with what we know about it."""
+
+    model: nn.Module
+    format: str
+    input_shape: tuple[int, ...] | None = None
+    report: dict | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def detect_format(path: str | Path) -> str:
+    """Names the model format held in `path`: pt2, torchscript, torch-save, safetensors, onnx.
+
+    Raises:
+        InputError: missing, unreadable or unrecognised file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model file {str(path)!r} does not exist")
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    if zipfile.is_zipfile(path):
+        return _zip_format(path)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:1] == b"\x80":
+        return "torch-save"  # legacy (non-zip) torch.save pickle
+    if head[:1] == b"\x08":
+        return "onnx"
+    raise InputError(
+        f"{str(path)!r} is not a model file compressor can read (not a .pt2, state_dict, "
+        "safetensors or pickled module); it may be corrupt or truncated"
+    )
+
+
+def _zip_format(path: Path) -> str:
+    try:
+        names = zipfile.ZipFile(path).namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"{str(path)!r} is a corrupt archive: {exc}") from None
+    if any(name.endswith("/archive_format") for name in names):
+        return "pt2"
+    if any("/code/" in name for name in names) or any(n.endswith("constants.pkl") for n in names):
+        return "torchscript"
+    if any(name.endswith("data.pkl") for name in names):
+        return "torch-save"
+    raise InputError(f"{str(path)!r} is a zip archive but not a PyTorch model")
+
+
+def load_model(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+) -> Loaded:
+    """Loads a model from any supported format (see DESIGN.md "Models in and out").
+
+    Args:
+        path: the model file.
+        arch: zoo name or `package.module:factory`, needed for state_dicts.
+        trust_pickle: allow unpickling a whole module (runs code from the file).
+        input_shape: per-sample input shape, used to build zoo models for their data.
+        num_classes: classes of the data, when known (else read from the weights).
+
+    Raises:
+        InputError: the file cannot be used as given; the message names the fix.
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "pt2":
+        return _load_pt2(path)
+    if fmt == "torchscript":
+        raise InputError(
+            f"{str(path)!r} is a TorchScript archive, which compressor cannot prune; "
+            f"export the model instead: {TO_PT2_HINT}"
+        )
+    if fmt == "onnx":
+        raise InputError(f"{str(path)!r} is an ONNX model; ONNX input is not supported yet")
+    if fmt == "safetensors":
+        return _from_state_dict(_read_safetensors(path), path, arch, input_shape, num_classes)
+    return _load_torch_save(path, arch, trust_pickle, input_shape, num_classes)
+
+
+def _load_pt2(path: Path) -> Loaded:
+    extra = {META_FILE: ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except Exception as exc:  # torch raises many types for a damaged archive
+        raise InputError(f"{str(path)!r} is a damaged .pt2 file: {exc}") from None
+    meta = json.loads(extra[META_FILE]) if extra[META_FILE] else {}
+    model = lift(program)
+    shape = meta.get("input_shape") or _program_input_shape(program)
+    model.input_shape = tuple(shape) if shape else None
+    return Loaded(model, "pt2", model.input_shape, meta.get("report"), meta)
+
+
+def _program_input_shape(program: torch.export.ExportedProgram) -> list[int] | None:
+    for spec in program.graph_signature.input_specs:
+        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
+            node = next(n for n in program.graph.nodes if n.name == spec.arg.name)
+            val = node.meta.get("val")
+            return [int(d) for d in val.shape[1:]] if val is not None else None
+    return None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{str(path)!r} is a damaged safetensors file: {exc}") from None
+
+
+def _load_torch_save(path, arch, trust_pickle, input_shape, num_classes) -> Loaded:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise InputError(
+                f"{str(path)!r} holds a pickled Python object, and loading it would run code "
+                "from the file; pass --trust-pickle if you trust it, or give a .pt2 / "
+                f"state_dict ({TO_PT2_HINT})"
+            ) from None
+        obj = _unpickle(path, exc)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{str(path)!r} is a damaged PyTorch file: {exc}") from None
+    if isinstance(obj, nn.Module):
+        return Loaded(obj, "pickle", getattr(obj, "input_shape", None) or input_shape)
+    state = _unwrap_state_dict(obj, path)
+    return _from_state_dict(state, path, arch, input_shape, num_classes)
+
+
+def _unpickle(path: Path, first_error: Exception) -> object:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # arbitrary code ran; report whatever it raised
+        raise InputError(f"could not unpickle {str(path)!r}: {exc}") from None
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise InputError(f"{str(path)!r} holds no state_dict of tensors ({type(obj).__name__})")
+
+
+def _from_state_dict(state, path, arch, input_shape, num_classes) -> Loaded:
+    if arch is None:
+        raise InputError(
+            f"{str(path)!r} holds weights only (a state_dict); say which model they belong "
+            f"to with --arch NAME (one of: {', '.join(zoo.list_archs())}) or "
+            "--arch package.module:factory"
+        )
+    model = build_arch(arch, state, input_shape, num_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise InputError(
+            f"the weights in {str(path)!r} do not fit --arch {arch}: {detail}"
+        ) from None
+    return Loaded(model, "state_dict", getattr(model, "input_shape", None), None, {"arch": arch})
+
+
+def build_arch(
+    arch: str,
+    state: dict[str, torch.Tensor] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+) -> nn.Module:
+    """Builds `arch` (zoo name or `package.module:factory`) sized for its weights and data."""
+    if ":" in arch:
+        return _call_factory(arch)
+    in_channels, classes = _infer_io(state or {})
+    if input_shape is not None:
+        in_channels = input_shape[0]
+    size = tuple(input_shape[1:]) if input_shape is not None and len(input_shape) == 3 else 28
+    return zoo.build(
+        arch,
+        in_channels=in_channels or 1,
+        num_classes=num_classes or classes or 10,
+        input_size=size,
+    )
+
+
+def _infer_io(state: dict[str, torch.Tensor]) -> tuple[int | None, int | None]:
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() >= 2]
+    if not weights:
+        return None, None
+    first, last = weights[0], weights[-1]
+    return (first.shape[1] if first.dim() == 4 else None), last.shape[0]
+
+
+def _call_factory(spec: str) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # so `--arch mymodels:net` finds ./mymodels.py
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(
+            f"--arch {spec!r}: cannot import {attr!r} from {module_name!r}: {exc}"
+        ) from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--arch {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True when `a` and `b` name the same file (following links)."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], *, protect: tuple = ()) -> Path:
+    """Calls `write(tmp_path)` and renames the result onto `path`.
+
+    A crash leaves either the old file or the new one, never half of one.
+
+    Raises:
+        InputError: `path` is one of the `protect`ed inputs.
+    """
+    path = Path(path)
+    for source in protect:
+        if source is not None and same_file(path, source):
+            raise InputError(
+                f"output {str(path)!r} is the input file; choose another path with -o "
+                "(compressor never overwrites its input)"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch dimension, in eval mode.
+
+    Raises:
+        CompressorError: the model cannot be exported (e.g. data-dependent control flow).
+    """
+    model = model.eval()
+    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in example_inputs)
+    try:
+        return torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic)
+    except Exception as exc:  # torch.export raises a zoo of error types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressorError(
+            f"torch.export could not capture {type(model).__name__}: {first}; save its weights "
+            "instead with an output path ending in .safetensors"
+        ) from exc
+
+
+def save_model(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    example_inputs: tuple,
+    report: dict | None = None,
+    protect: tuple = (),
+) -> Path:
+    """Saves `model` as a `.pt2` with the report embedded, or as a state_dict.
+
+    A path ending in .safetensors/.pt/.pth writes the state_dict (for models torch.export
+    cannot capture); the report then goes into the safetensors metadata or a dict entry.
+    """
+    path = Path(path)
+    meta = {
+        "format": META_FORMAT,
+        "version": META_VERSION,
+        "input_shape": list(example_inputs[0].shape[1:]),
+        "report": report,
+    }
+    if path.suffix in STATE_DICT_SUFFIXES:
+        return atomic_write(
+            path, lambda tmp: _write_state_dict(model, tmp, path, meta), protect=protect
+        )
+    program = export_program(model, example_inputs)
+    extra = {META_FILE: json.dumps(meta, default=_json_default)}
+    return atomic_write(
+        path, lambda tmp: torch.export.save(program, tmp, extra_files=extra), protect=protect
+    )
+
+
+def _write_state_dict(model: nn.Module, tmp: str, path: Path, meta: dict) -> None:
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, tmp, metadata={META_FILE: json.dumps(meta, default=_json_default)})
+    else:
+        torch.save(state, tmp)
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot serialise {type(value).__name__} in a report")

@@ -1,0 +1,96 @@
+"""Magnitude pruning baselines: uniform per layer, global, and ERK allocation.
+
+Every later benchmark compares against these, so they are exact: each layer keeps
+precisely its allotted count of largest-|w| weights (ties resolved by position).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compressor.masks import topk_mask, weight_of
+from compressor.methods.base import MaskMethod, register_method
+
+
+def erk_densities(layers: dict[str, nn.Module], sparsity: float) -> dict[str, float]:
+    """Erdős–Rényi-kernel densities whose parameter-weighted mean is `1 - sparsity`.
+
+    Density is proportional to sum(shape) / prod(shape) (Evci et al. 2020, RigL); layers
+    that would exceed density 1 are made dense and the rest rescaled, until none does.
+    """
+    shapes = {fqn: tuple(weight_of(m).shape) for fqn, m in layers.items()}
+    sizes = {fqn: float(torch.Size(s).numel()) for fqn, s in shapes.items()}
+    raw = {fqn: sum(s) / sizes[fqn] for fqn, s in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        budget = (1.0 - sparsity) * sum(sizes.values()) - sum(sizes[f] for f in dense)
+        divisor = sum(raw[f] * sizes[f] for f in layers if f not in dense)
+        scale = budget / divisor if divisor else 0.0
+        over = [f for f in layers if f not in dense and scale * raw[f] > 1.0]
+        if not over:
+            return {f: 1.0 if f in dense else scale * raw[f] for f in layers}
+        dense.add(max(over, key=lambda f: raw[f]))
+
+
+def exact_counts(
+    densities: dict[str, float], sizes: dict[str, int], keep_total: int
+) -> dict[str, int]:
+    """Rounds per-layer keep counts so they sum to exactly `keep_total` (largest remainder)."""
+    wanted = {f: min(sizes[f], densities[f] * sizes[f]) for f in densities}
+    counts = {f: int(wanted[f]) for f in wanted}
+    by_remainder = sorted(wanted, key=lambda f: wanted[f] - counts[f], reverse=True)
+    shortfall = keep_total - sum(counts.values())
+    for fqn in by_remainder:
+        if shortfall <= 0:
+            break
+        if counts[fqn] < sizes[fqn]:
+            counts[fqn] += 1
+            shortfall -= 1
+    return counts
+
+
+def masks_from_counts(
+    layers: dict[str, nn.Module], counts: dict[str, int]
+) -> dict[str, torch.Tensor]:
+    """Per layer, keep the `counts[fqn]` weights of largest magnitude."""
+    return {f: topk_mask(weight_of(m).detach().abs(), counts[f]) for f, m in layers.items()}
+
+
+class _Magnitude(MaskMethod):
+    def _sizes(self) -> dict[str, int]:
+        return {f: weight_of(m).numel() for f, m in self.layers.items()}
+
+    def _keep_total(self) -> int:
+        return round(self.budget.keep * sum(self._sizes().values()))
+
+
+@register_method("magnitude-uniform")
+class UniformMagnitude(_Magnitude):
+    """The same sparsity in every layer (Han et al. 2015 style per-layer magnitude)."""
+
+    def compute_masks(self) -> dict[str, torch.Tensor]:
+        counts = {f: round(self.budget.keep * n) for f, n in self._sizes().items()}
+        return masks_from_counts(self.layers, counts)
+
+
+@register_method("magnitude-global")
+class GlobalMagnitude(_Magnitude):
+    """One magnitude threshold across all prunable layers."""
+
+    def compute_masks(self) -> dict[str, torch.Tensor]:
+        flat = torch.cat([weight_of(m).detach().abs().flatten() for m in self.layers.values()])
+        keep = topk_mask(flat, self._keep_total())
+        sizes = list(self._sizes().values())
+        chunks = torch.split(keep, sizes)
+        return {f: c.view_as(weight_of(m)) for (f, m), c in zip(self.layers.items(), chunks)}
+
+
+@register_method("magnitude-erk")
+class ErkMagnitude(_Magnitude):
+    """Per-layer magnitude at ERK-allocated densities."""
+
+    def compute_masks(self) -> dict[str, torch.Tensor]:
+        densities = erk_densities(self.layers, self.budget.sparsity)
+        counts = exact_counts(densities, self._sizes(), self._keep_total())
+        return masks_from_counts(self.layers, counts)
