@@ -181,7 +181,9 @@ def emit_json(obj) -> None:
 def console():
     from rich.console import Console
 
-    return Console(file=sys.stdout, soft_wrap=True, highlight=False)
+    # in pipes and tests rich would assume 80 columns and truncate layer names
+    width = None if sys.stdout.isatty() else 200
+    return Console(file=sys.stdout, width=width, highlight=False)
 
 
 def default_output(model_path: str, suffix: str) -> Path:

@@ -90,7 +90,7 @@ def info(model, arch, trust_pickle, data, input_shape, as_json):
     help="Where to write the .pt2.",
 )
 @handle_errors
-def train(arch, data, epochs, lr, batch_size, width, limit, seed, output):
+def train(arch, data, epochs, lr, batch_size, width, limit, seed, checkpoint, output):
     """Train a dense zoo model, to have a baseline to compress."""
     import torch
 
@@ -113,7 +113,7 @@ def train(arch, data, epochs, lr, batch_size, width, limit, seed, output):
         **kwargs,
     )
     start = time.perf_counter()
-    train_dense(model, data_obj.train, epochs=epochs, lr=lr)
+    train_dense(model, data_obj.train, epochs=epochs, lr=lr, checkpoint=checkpoint)
     report = {
         "method": "dense",
         "arch": model.arch,
@@ -355,4 +355,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main() @ click.option(
+        "--checkpoint",
+        type=click.Path(dir_okay=False),
+        help="Save state here every epoch; resume from it when it exists.",
+    )

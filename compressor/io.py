@@ -13,6 +13,7 @@ import os
 import pickle
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,12 +124,15 @@ def load_model(
 
 def _load_pt2(path: Path) -> Loaded:
     extra = {META_FILE: ""}
-    try:
-        program = torch.export.load(str(path), extra_files=extra)
-    except Exception as exc:  # torch raises many types for a damaged archive
-        raise InputError(f"{str(path)!r} is a damaged .pt2 file: {exc}") from None
+    with warnings.catch_warnings():
+        # torch's own deserialiser trips its LeafSpec deprecation; not the user's concern
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
+        try:
+            program = torch.export.load(str(path), extra_files=extra)
+        except Exception as exc:  # torch raises many types for a damaged archive
+            raise InputError(f"{str(path)!r} is a damaged .pt2 file: {exc}") from None
+        model = lift(program)
     meta = json.loads(extra[META_FILE]) if extra[META_FILE] else {}
-    model = lift(program)
     shape = meta.get("input_shape") or _program_input_shape(program)
     model.input_shape = tuple(shape) if shape else None
     return Loaded(model, "pt2", model.input_shape, meta.get("report"), meta)
@@ -219,24 +223,25 @@ def build_arch(
     """Builds `arch` (zoo name or `package.module:factory`) sized for its weights and data."""
     if ":" in arch:
         return _call_factory(arch)
-    in_channels, classes = _infer_io(state or {})
+    size = tuple(input_shape[1:]) if input_shape is not None and len(input_shape) == 3 else 28
+    probe = zoo.build(arch, in_channels=input_shape[0] if input_shape else 1, input_size=size)
+    in_channels, classes = _infer_io(probe, state or {})
     if input_shape is not None:
         in_channels = input_shape[0]
-    size = tuple(input_shape[1:]) if input_shape is not None and len(input_shape) == 3 else 28
-    return zoo.build(
-        arch,
-        in_channels=in_channels or 1,
-        num_classes=num_classes or classes or 10,
-        input_size=size,
-    )
+    return zoo.build(arch, in_channels=in_channels, num_classes=num_classes or classes, input_size=size)
 
 
-def _infer_io(state: dict[str, torch.Tensor]) -> tuple[int | None, int | None]:
-    weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() >= 2]
-    if not weights:
-        return None, None
-    first, last = weights[0], weights[-1]
-    return (first.shape[1] if first.dim() == 4 else None), last.shape[0]
+def _infer_io(probe: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Input channels and classes read off the weights of the probe's first and last layer.
+
+    Uses the probe model's own layer order: a state_dict's key order is not reliable
+    (safetensors sorts its keys).
+    """
+    names = [n for n, p in probe.named_parameters() if n.endswith("weight") and p.dim() >= 2]
+    first, last = state.get(names[0]), state.get(names[-1])
+    in_channels = first.shape[1] if first is not None and first.dim() == 4 else 1
+    classes = last.shape[0] if last is not None else 10
+    return in_channels, classes
 
 
 def _call_factory(spec: str) -> nn.Module:

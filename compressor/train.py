@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,8 @@ def fit(
     after_step: Callable[[float], None] | None = None,
     clip_grad: float | None = None,
     description: str = "train",
+    start_epoch: int = 0,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Trains `model` in place; returns the mean loss of each epoch.
 
@@ -122,6 +125,8 @@ def fit(
         after_step: called after every optimiser step with training progress in [0, 1]
             (a method's `step()`: projections, schedules).
         clip_grad: max gradient norm, if any.
+        start_epoch: first epoch to run (when resuming from a checkpoint).
+        on_epoch_end: called with the number of finished epochs (e.g. to checkpoint).
     """
     if len(loader) == 0:
         raise InputError("the training data is empty")
@@ -130,28 +135,18 @@ def fit(
     total = epochs * len(loader)
     history = []
     with progress(total, description) as advance:
-        for epoch in range(epochs):
-            history.append(
-                _epoch(
-                    model,
-                    loader,
-                    optimizer,
-                    scheduler,
-                    distill,
-                    penalty,
-                    after_step,
-                    clip_grad,
-                    epoch * len(loader),
-                    total,
-                    advance,
-                )
-            )
+        advance(start_epoch * len(loader))
+        for epoch in range(start_epoch, epochs):
+            hooks = (distill, penalty, after_step, clip_grad)
+            done = epoch * len(loader)
+            history.append(_epoch(model, loader, optimizer, scheduler, hooks, done, total, advance))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1)
     return history
 
 
-def _epoch(
-    model, loader, optimizer, scheduler, distill, penalty, after_step, clip, done, total, advance
-):
+def _epoch(model, loader, optimizer, scheduler, hooks, done, total, advance):
+    distill, penalty, after_step, clip = hooks
     model.train()
     losses = []
     for x, y in loader:
@@ -199,14 +194,92 @@ def train_dense(
     epochs: int,
     lr: float = 0.05,
     weight_decay: float = 5e-4,
+    checkpoint: str | Path | None = None,
 ) -> list[float]:
-    """Trains a dense baseline: SGD momentum 0.9, cosine schedule with one warm-up epoch."""
+    """Trains a dense baseline: SGD momentum 0.9, cosine schedule with one warm-up epoch.
+
+    With `checkpoint`, state is saved after every epoch, and a run that finds an existing
+    checkpoint at that path resumes from it.
+    """
     optimizer = sgd(model.parameters(), lr, weight_decay=weight_decay)
     warmup = min(len(loader), epochs * len(loader) // 4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_lambda(epochs * len(loader), warmup)
     )
-    return fit(model, loader, epochs=epochs, optimizer=optimizer, scheduler=scheduler)
+    start, on_epoch_end = 0, None
+    if checkpoint is not None:
+        state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": loader}
+        if Path(checkpoint).exists():
+            start = load_checkpoint(checkpoint, **state)["epoch"]
+
+        def on_epoch_end(epoch: int) -> None:
+            save_checkpoint(checkpoint, epoch=epoch, **state)
+
+    return fit(
+        model,
+        loader,
+        epochs=epochs,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        start_epoch=start,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+CHECKPOINT_FORMAT = "compressor.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path, *, model, optimizer, scheduler=None, loader=None, epoch: int, extra=None):
+    """Writes model, optimiser, schedule position and RNG states atomically."""
+    from compressor.io import atomic_write
+
+    generator = getattr(loader, "generator", None)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "loader_rng": generator.get_state() if generator is not None else None,
+        "extra": extra or {},
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, *, model, optimizer, scheduler=None, loader=None) -> dict:
+    """Restores a checkpoint written by `save_checkpoint` into the given objects.
+
+    Raises:
+        InputError: not a checkpoint, another version, or made for a different model.
+    """
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file raises many types
+        raise InputError(f"checkpoint {str(path)!r} is damaged: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{str(path)!r} is not a compressor checkpoint")
+    if state["version"] != CHECKPOINT_VERSION:
+        raise InputError(
+            f"checkpoint {str(path)!r} has version {state['version']}, expected {CHECKPOINT_VERSION}"
+        )
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(
+            f"checkpoint {str(path)!r} does not match this model/run: {first}"
+        ) from None
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    generator = getattr(loader, "generator", None)
+    if generator is not None and state["loader_rng"] is not None:
+        generator.set_state(state["loader_rng"])
+    return state
 
 
 @torch.no_grad()

@@ -89,6 +89,7 @@ class Method:
     metrics: ClassVar[tuple[str, ...]] = ("weights",)  # budget metrics the method accepts
     needs: ClassVar[str] = "nothing"  # "nothing", "inputs" (calibration) or "labels"
     demo_config: ClassVar[dict] = {}  # overrides that keep `compress demo` within minutes
+    smoke_config: ClassVar[dict] = {}  # the fewest steps that still run every phase (tests)
 
     def __init__(
         self, model: nn.Module, budget: Budget, config: MethodConfig | None = None, **overrides
