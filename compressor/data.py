@@ -22,16 +22,13 @@ and ``val_fraction`` of the rest becomes validation; fashion-mnist keeps its off
 
 from __future__ import annotations
 
-import gzip
 import importlib
 import math
-import os
 import re
 import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +37,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
 from compressor.errors import CompressorWarning, InputError
+from compressor.idx import find_fashion_files, read_fashion_mnist
 
 __all__ = ["Data", "load_data"]
 
@@ -53,16 +51,6 @@ TEST_FRACTION = 0.2
 # Enough random inputs for calibration statistics, small enough to be instant.
 SYNTHETIC_COUNT = 512
 SYNTHETIC_DEFAULT_SHAPE = (1, 28, 28)
-# Where Debian's dataset-fashion-mnist package installs the idx files.
-SYSTEM_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_FILES = {
-    "x_train": "train-images-idx3-ubyte",
-    "y_train": "train-labels-idx1-ubyte",
-    "x_test": "t10k-images-idx3-ubyte",
-    "y_test": "t10k-labels-idx1-ubyte",
-}
-# idx type codes (http://yann.lecun.com/exdb/mnist/); multi-byte values are big-endian.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _MODULE_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
@@ -196,8 +184,8 @@ def _load_mnist5k(spec: str, opts: _Options) -> Data:
 
 def _load_fashion_mnist(spec: str, opts: _Options) -> Data:
     given = spec.partition(":")[2]
-    files = _find_fashion_files(Path(given).expanduser() if given else None)
-    arrays = _read_fashion_mnist(files)
+    files = find_fashion_files(Path(given).expanduser() if given else None)
+    arrays = read_fashion_mnist(files)
     train = _fashion_split(arrays[0], arrays[1], files[:2])
     test = _fashion_split(arrays[2], arrays[3], files[2:])
     return _builtin_data(spec, opts, train, test)
@@ -223,77 +211,6 @@ def _builtin_data(
         None if part is None else ((part[0] - mean) / std, part[1]) for part in (train, val, test)
     ]
     return _wrap(spec, opts, *parts, num_classes=num_classes, normalization=(mean, std))
-
-
-# --- fashion-mnist idx files -------------------------------------------------------
-
-
-def _fashion_search_dirs(given: Path | None) -> list[Path]:
-    if given is not None:
-        return [given]
-    root = os.environ.get("COMPRESSOR_DATA")
-    if root:
-        return [Path(root).expanduser() / "fashion-mnist", SYSTEM_FASHION_DIR]
-    return [SYSTEM_FASHION_DIR]
-
-
-def _find_fashion_files(given: Path | None) -> tuple[Path, ...]:
-    """Returns the four idx files from the first directory that holds all of them."""
-    searched = _fashion_search_dirs(given)
-    for directory in searched:
-        found = [_find_idx_file(directory, stem) for stem in FASHION_FILES.values()]
-        if all(found):
-            return tuple(found)
-    names = ", ".join(f"{stem}[.gz]" for stem in FASHION_FILES.values())
-    dirs = ", ".join(str(d) for d in searched)
-    raise InputError(
-        f"fashion-mnist idx files ({names}) not found in: {dirs}; install them with "
-        "'sudo apt-get install dataset-fashion-mnist', set $COMPRESSOR_DATA to a folder "
-        "holding fashion-mnist/, or use fashion-mnist:DIR"
-    )
-
-
-def _find_idx_file(directory: Path, stem: str) -> Path | None:
-    # Mirrors differ: "train-images-idx3-ubyte" vs "train-images.idx3-ubyte", gzipped or not.
-    dotted = stem.replace("-idx", ".idx")
-    for name in (stem, f"{stem}.gz", dotted, f"{dotted}.gz"):
-        if (directory / name).is_file():
-            return directory / name
-    return None
-
-
-@lru_cache(maxsize=4)
-def _read_fashion_mnist(files: tuple[Path, ...]) -> tuple[np.ndarray, ...]:
-    """Parses the four idx files; cached because benchmarks load the set repeatedly.
-
-    The arrays are read-only since every caller shares them.
-    """
-    arrays = tuple(_read_idx(path) for path in files)
-    for array in arrays:
-        array.setflags(write=False)
-    return arrays
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    """Parses one idx file (optionally gzipped) into a numpy array."""
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as exc:
-        raise InputError(f"cannot read idx file {path}: {exc}; re-download it") from exc
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise InputError(f"idx file {path} has a bad magic number {raw[:4].hex()}; re-download it")
-    ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]])
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise InputError(f"idx file {path} is truncated inside its header; re-download it")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = header + math.prod(dims) * dtype.itemsize
-    if len(raw) != expected:
-        raise InputError(
-            f"idx file {path} holds {len(raw)} bytes but its header {dims} implies "
-            f"{expected}; the file is truncated or corrupt, re-download it"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
 
 
 def _fashion_split(

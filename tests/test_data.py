@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from compressor import data as data_module
+from compressor import idx as idx_module
 from compressor.data import Data, load_data
 from compressor.errors import CompressorWarning, InputError
 
@@ -305,7 +305,7 @@ def test_fashion_mnist_missing_everywhere_lists_the_search(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COMPRESSOR_DATA", str(tmp_path))
-    monkeypatch.setattr(data_module, "SYSTEM_FASHION_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(idx_module, "SYSTEM_FASHION_DIR", tmp_path / "nowhere")
     with pytest.raises(InputError, match="apt-get install dataset-fashion-mnist") as info:
         load_data("fashion-mnist")
     assert str(tmp_path / "fashion-mnist") in str(info.value)
