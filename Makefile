@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(VENV)/bin/compress demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check compressor cli exporters tests bench
-	$(VENV)/bin/ruff format --check compressor cli exporters tests bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q
