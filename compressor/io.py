@@ -228,7 +228,9 @@ def build_arch(
     in_channels, classes = _infer_io(probe, state or {})
     if input_shape is not None:
         in_channels = input_shape[0]
-    return zoo.build(arch, in_channels=in_channels, num_classes=num_classes or classes, input_size=size)
+    return zoo.build(
+        arch, in_channels=in_channels, num_classes=num_classes or classes, input_size=size
+    )
 
 
 def _infer_io(probe: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, int]:
