@@ -83,6 +83,11 @@ def info(model, arch, trust_pickle, data, input_shape, as_json):
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N training samples.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False),
+    help="Save state here every epoch; resume from it when it exists.",
+)
+@click.option(
     "-o",
     "--output",
     required=True,
@@ -355,8 +360,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main() @ click.option(
-        "--checkpoint",
-        type=click.Path(dir_okay=False),
-        help="Save state here every epoch; resume from it when it exists.",
-    )
+    main()
