@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 import torch
 
+from cli.export import export_files
 from compressor import zoo
 from compressor.budget import Budget
 from compressor.data import load_data
@@ -38,6 +39,7 @@ def run_demo(out: str, sparsity: Budget, epochs: int, seed: int = 0) -> list[dic
         model, out_dir / f"{ARCH}-dense.pt2", example_inputs=example, report={"method": "dense"}
     )
     rows = [_row("dense", 0.0, dense_top1, dense_top1, time.perf_counter() - start)]
+    rows[-1] |= export_files(model, out_dir / f"{ARCH}-dense", example)
     click.echo(f"trained {ARCH} on {DATA} ({epochs} epochs): test top-1 {dense_top1:.2%}")
     for name in list_methods():
         cls = get_method(name)
@@ -55,6 +57,7 @@ def run_demo(out: str, sparsity: Budget, epochs: int, seed: int = 0) -> list[dic
                 result.report["seconds"],
             )
         )
+        rows[-1] |= export_files(result.model, out_dir / f"{ARCH}-{name}", example)
     _print(rows)
     return rows
 
@@ -75,7 +78,7 @@ def _print(rows: list[dict]) -> None:
     from cli.common import console
 
     table = Table(title=f"compress demo: {ARCH} on {DATA}")
-    for col in ("method", "sparsity", "top-1", "delta", "time (s)"):
+    for col in ("method", "sparsity", "top-1", "delta", "time (s)", "ONNX bytes", "CSR bytes"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
         table.add_row(
@@ -84,5 +87,7 @@ def _print(rows: list[dict]) -> None:
             f"{r['top1']:.2%}",
             f"{100 * r['delta']:+.2f} pt",
             f"{r['seconds']:.1f}",
+            f"{r['onnx_bytes']:,}",
+            f"{r['csr_bytes']:,}",
         )
     console().print(table)

@@ -21,6 +21,7 @@ from cli.common import (
     method_options,
     model_options,
 )
+from cli.export import export
 from cli.tables import print_prune_summary, print_stats
 
 EPILOG = """\b
@@ -353,6 +354,9 @@ def list_cmd():
         options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config))
         click.echo(f"  {name:<20} budget on {'/'.join(cls.metrics)}; needs {cls.needs}; {options}")
     click.echo("architectures: " + ", ".join(list_archs()))
+
+
+cli.add_command(export)
 
 
 def main() -> None:

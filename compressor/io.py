@@ -292,11 +292,18 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, protect: tup
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the user's usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:

@@ -13,6 +13,10 @@ from compressor.data import load_data
 from compressor.io import save_model
 from compressor.train import train_dense
 
+# One intra-op thread: on a loaded 2-core machine OpenMP's spin-waiting made tiny forwards
+# hundreds of times slower, and the tests' tensors are too small to gain from threads.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def digits():

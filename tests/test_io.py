@@ -164,3 +164,12 @@ def test_untraceable_model_saves_as_safetensors(tmp_path):
         model, tmp_path / "m.safetensors", example_inputs=(torch.randn(2, 4),), report={"a": 1}
     )
     assert detect_format(path) == "safetensors"
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+
+    path = atomic_write(tmp_path / "f.bin", lambda tmp: open(tmp, "wb").close())
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
