@@ -30,6 +30,7 @@ class LayerStats:
     volume: int  # elements of the layer's output feature map
     channels: int  # output channels (features for Linear)
     kept_channels: int  # output channels with any nonzero weight
+    memory: int = 0  # elements moved by gather/scatter (mixed residual joins), not MACs
 
     @property
     def sparsity(self) -> float:
@@ -47,6 +48,7 @@ class ModelStats:
     prunable_nonzero: int
     flops: int
     volume: int  # activation volume: sum of prunable layers' output sizes
+    memory: int = 0  # elements moved by gather/scatter ops (slimmed mixed residual joins)
 
     @property
     def sparsity(self) -> float:
@@ -117,21 +119,45 @@ def measure(model: nn.Module, example: torch.Tensor | tuple) -> ModelStats:
             hooks.append(module.register_forward_hook(_hook(fqn, _layer_stats, found)))
         elif isinstance(module, _NORMS):
             hooks.append(module.register_forward_hook(_hook(fqn, _norm_stats, found)))
-    was_training = model.training
+        elif hasattr(module, "memory_elements"):
+            hooks.append(module.register_forward_hook(_memory_hook(fqn, found)))
+    modes = training_modes(model)
     model.eval()
     try:
         model(*(example if isinstance(example, tuple) else (example,)))
     finally:
-        model.train(was_training)
+        restore_modes(model, modes)
         for hook in hooks:
             hook.remove()
     return _totals(model, _dedupe(found))
+
+
+def training_modes(model: nn.Module) -> dict[str, bool]:
+    """Each submodule's training flag (a frozen BatchNorm may be in eval inside a train model)."""
+    return {fqn: m.training for fqn, m in model.named_modules()}
+
+
+def restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:
+    """Puts back the flags `training_modes` recorded; `model.train(flag)` would flatten them."""
+    for fqn, module in model.named_modules():
+        module.training = modes.get(fqn, module.training)
 
 
 def _hook(fqn, fn, found):
     def hook(module, inputs, output):
         out = output[0] if isinstance(output, tuple) else output
         found.append(fn(fqn, module, out))
+
+    return hook
+
+
+def _memory_hook(fqn, found):
+    """Index ops (e.g. surgery's ResidualJoin) report the elements they move per sample."""
+
+    def hook(module, inputs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        moved = module.memory_elements(inputs, out)
+        found.append(LayerStats(fqn, type(module).__name__, (), 0, 0, 0, 0, 0, 0, memory=moved))
 
     return hook
 
@@ -143,6 +169,7 @@ def _dedupe(found: list[LayerStats]) -> list[LayerStats]:
         if stat.fqn in merged:
             merged[stat.fqn].flops += stat.flops
             merged[stat.fqn].volume += stat.volume
+            merged[stat.fqn].memory += stat.memory
         else:
             merged[stat.fqn] = stat
     return list(merged.values())
@@ -162,6 +189,7 @@ def _totals(model: nn.Module, layers: list[LayerStats]) -> ModelStats:
         volume=sum(
             layer.volume for layer in layers if layer.kind in {"Conv1d", "Conv2d", "Linear"}
         ),
+        memory=sum(layer.memory for layer in layers),
     )
 
 

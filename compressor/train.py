@@ -173,13 +173,15 @@ def evaluate(model: nn.Module, loader: DataLoader | None) -> float | None:
     """Top-1 accuracy in [0, 1] of `model` on `loader` (None when there is no loader)."""
     if loader is None:
         return None
-    was_training = model.training
+    from compressor.stats import restore_modes, training_modes
+
+    modes = training_modes(model)
     model.eval()
     correct = count = 0
     for x, y in loader:
         correct += int((model(x).argmax(dim=1) == y).sum())
         count += len(y)
-    model.train(was_training)
+    restore_modes(model, modes)
     return correct / count if count else None
 
 

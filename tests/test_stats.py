@@ -55,3 +55,10 @@ def test_measure_restores_training_mode():
     model = zoo.build("resnet20", in_channels=1, num_classes=10, input_size=8).train()
     measure(model, torch.zeros(1, 1, 8, 8))
     assert model.training
+
+
+def test_measure_keeps_per_module_training_flags():
+    model = zoo.build("resnet20", in_channels=1, num_classes=10, input_size=8).train()
+    model.layer1[0].bn1.eval()  # a frozen BatchNorm inside a model in training mode
+    measure(model, torch.zeros(1, 1, 8, 8))
+    assert model.training and not model.layer1[0].bn1.training
