@@ -10,11 +10,11 @@ import torch
 
 from cli.export import export_files
 from compressor import zoo
-from compressor.budget import Budget
+from compressor.budget import Budget, parse_budget
 from compressor.data import load_data
 from compressor.io import save_model
 from compressor.methods import get_method, list_methods, prune
-from compressor.stats import sparsity_of
+from compressor.stats import measure
 from compressor.train import evaluate, train_dense
 
 DATA = "digits"
@@ -22,7 +22,11 @@ ARCH = "lenet5"
 
 
 def run_demo(out: str, sparsity: Budget, epochs: int, seed: int = 0) -> list[dict]:
-    """Trains LeNet-5 on digits, prunes it with every registered method, prints a table."""
+    """Trains LeNet-5 on digits, prunes it with every registered method, prints a table.
+
+    Unstructured methods get `sparsity`; a structured method gets its class's
+    `demo_budget` (channel removal at 10x would leave LeNet-5 too few channels to mean much).
+    """
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -35,40 +39,45 @@ def run_demo(out: str, sparsity: Budget, epochs: int, seed: int = 0) -> list[dic
     train_dense(model, data.train, epochs=epochs)
     dense_top1 = evaluate(model, data.test)
     example = (data.sample_inputs(2),)
+    dense_flops = measure(model, example[0][:1]).flops
     save_model(
         model, out_dir / f"{ARCH}-dense.pt2", example_inputs=example, report={"method": "dense"}
     )
-    rows = [_row("dense", 0.0, dense_top1, dense_top1, time.perf_counter() - start)]
+    rows = [_row("dense", "-", model, example, dense_flops, dense_top1, dense_top1)]
+    rows[-1] |= {"seconds": time.perf_counter() - start}
     rows[-1] |= export_files(model, out_dir / f"{ARCH}-dense", example)
     click.echo(f"trained {ARCH} on {DATA} ({epochs} epochs): test top-1 {dense_top1:.2%}")
     for name in list_methods():
         cls = get_method(name)
-        budget = Budget(cls.metrics[0], sparsity.keep)
+        budget = _budget(cls, sparsity)
         result = prune(model, name, budget, data, seed=seed, **cls.demo_config)
-        zeros, total = sparsity_of(result.model)
         path = out_dir / f"{ARCH}-{name}.pt2"
         save_model(result.model, path, example_inputs=example, report=result.report)
-        rows.append(
-            _row(
-                name,
-                zeros / total,
-                evaluate(result.model, data.test),
-                dense_top1,
-                result.report["seconds"],
-            )
-        )
+        top1 = evaluate(result.model, data.test)
+        target = budget.describe()
+        rows.append(_row(name, target, result.model, example, dense_flops, top1, dense_top1))
+        rows[-1] |= {"seconds": result.report["seconds"]}
         rows[-1] |= export_files(result.model, out_dir / f"{ARCH}-{name}", example)
     _print(rows)
     return rows
 
 
-def _row(method: str, sparsity: float, top1: float, dense_top1: float, seconds: float) -> dict:
+def _budget(cls, sparsity: Budget) -> Budget:
+    if cls.metrics[0] == "weights" or cls.demo_budget is None:
+        return Budget(cls.metrics[0], sparsity.keep)
+    return parse_budget(cls.demo_budget, metric=cls.metrics[0])
+
+
+def _row(method, target, model, example, dense_flops, top1, dense_top1) -> dict:
+    stats = measure(model, example[0][:1])
     return {
         "method": method,
-        "sparsity": sparsity,
+        "target": target,
+        "sparsity": stats.sparsity,
+        "params": stats.nonzero,
+        "flops": stats.flops / dense_flops,
         "top1": top1,
         "delta": top1 - dense_top1,
-        "seconds": seconds,
     }
 
 
@@ -78,12 +87,16 @@ def _print(rows: list[dict]) -> None:
     from cli.common import console
 
     table = Table(title=f"compress demo: {ARCH} on {DATA}")
-    for col in ("method", "sparsity", "top-1", "delta", "time (s)", "ONNX bytes", "CSR bytes"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    columns = ("method", "target", "sparsity", "nonzero params", "FLOPs", "top-1", "delta")
+    for col in columns + ("time (s)", "ONNX bytes", "CSR bytes"):
+        table.add_column(col, justify="left" if col in ("method", "target") else "right")
     for r in rows:
         table.add_row(
             r["method"],
+            r["target"],
             f"{r['sparsity']:.2%}",
+            f"{r['params']:,}",
+            f"{r['flops']:.0%}",
             f"{r['top1']:.2%}",
             f"{100 * r['delta']:+.2f} pt",
             f"{r['seconds']:.1f}",

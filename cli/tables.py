@@ -72,9 +72,10 @@ def _print_report(report: dict) -> None:
 
 def print_prune_summary(report: dict, output: str) -> None:
     achieved = report["achieved"]
-    parts = [f"{report['method']}: sparsity {achieved['sparsity']:.2%}"]
     if "keep" in achieved:
         parts = [f"{report['method']}: {report['budget']['metric']} kept {achieved['keep']:.2%}"]
+    else:
+        parts = [f"{report['method']}: sparsity {achieved['sparsity']:.2%}"]
     if report.get("top1") is not None:
         parts.append(f"top-1 {report['dense_top1']:.2%} -> {report['top1']:.2%}")
     parts.append(f"{report['seconds']:.1f}s")

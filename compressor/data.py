@@ -86,7 +86,8 @@ class Data:
         """Returns the first ``n`` train inputs in dataset order (fewer if the set is smaller)."""
         if n < 1:
             raise InputError(f"sample count {n} must be at least 1")
-        return _first_inputs(self.train, n)
+        # a copy: a view would drag the whole dataset's storage into anything that saves it
+        return _first_inputs(self.train, n).clone()
 
     def calibration(self, n: int, batch_size: int) -> DataLoader:
         """Returns a loader over the first ``n`` train inputs, labels replaced by -1.

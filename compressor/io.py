@@ -338,6 +338,8 @@ def save_model(
     cannot capture); the report then goes into the safetensors metadata or a dict entry.
     """
     path = Path(path)
+    # torch.export.save writes a tensor's whole storage: never let a view of a dataset in
+    example_inputs = tuple(x.detach().clone() for x in example_inputs)
     meta = {
         "format": META_FORMAT,
         "version": META_VERSION,

@@ -173,3 +173,14 @@ def test_written_files_get_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_saved_file_does_not_embed_the_dataset(tmp_path):
+    from compressor.data import load_data
+
+    data = load_data("digits")
+    model = _net("lenet300", 8)
+    path = save_model(model, tmp_path / "m.pt2", example_inputs=(data.sample_inputs(2),))
+    dataset_bytes = data.train.dataset.tensors[0].numel() * 4
+    assert path.stat().st_size < 50_000 + sum(p.numel() * 4 for p in model.parameters())
+    assert path.stat().st_size < dataset_bytes

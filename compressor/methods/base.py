@@ -90,6 +90,7 @@ class Method:
     needs: ClassVar[str] = "nothing"  # "nothing", "inputs" (calibration) or "labels"
     demo_config: ClassVar[dict] = {}  # overrides that keep `compress demo` within minutes
     smoke_config: ClassVar[dict] = {}  # the fewest steps that still run every phase (tests)
+    demo_budget: ClassVar[str | None] = None  # a structured method's budget in the demo
 
     def __init__(
         self, model: nn.Module, budget: Budget, config: MethodConfig | None = None, **overrides

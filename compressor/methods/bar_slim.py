@@ -1,0 +1,146 @@
+"""What BAR and magnitude channel pruning share after the decision: slim, fine-tune, report."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from compressor.errors import InputError
+from compressor.methods.bar_cost import Adjustment, CostModel
+from compressor.methods.bar_gates import GateUnit
+from compressor.stats import measure
+from compressor.surgery import SlimResult, slim_
+from compressor.train import Distill, fit, sgd
+
+if TYPE_CHECKING:
+    from compressor.budget import Budget
+
+RESIDUAL_MODES = ("mixed", "tied")
+
+
+def check_residual(residual: str) -> None:
+    if residual not in RESIDUAL_MODES:
+        raise InputError(f"residual {residual!r}: choose one of {', '.join(RESIDUAL_MODES)}")
+
+
+def excluder(patterns: tuple[str, ...]):
+    """fqn -> True when a user's --exclude glob matches it."""
+    return lambda fqn: any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
+
+
+def example_of(model: nn.Module, example_inputs) -> tuple:
+    """The example inputs given, else a random batch of `model.input_shape`."""
+    if example_inputs is not None:
+        return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    shape = getattr(model, "input_shape", None)
+    if not shape:
+        raise InputError(
+            "channel pruning traces the model and needs example inputs: pass "
+            "prepare(example_inputs=...) or give the model an input_shape"
+        )
+    return (torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)),)
+
+
+def slim_model(model: nn.Module, keep: dict, example: tuple, residual: str) -> SlimResult:
+    """`surgery.slim_` with the model's input_shape carried over to the slimmed model."""
+    shape = getattr(model, "input_shape", None)
+    result = slim_(model, keep, example, residual=residual)
+    if shape is not None and getattr(result.model, "input_shape", None) is None:
+        result.model.input_shape = shape
+    return result
+
+
+def finetune_(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    lowlr_fraction: float,
+    lowlr_factor: float,
+    distill: Distill | None,
+) -> None:
+    """Trains the slimmed model: constant lr, then lr * lowlr_factor for the last steps. In place."""
+    if epochs <= 0:
+        return
+    optimizer = sgd(model.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
+    drop = round(epochs * len(loader) * (1.0 - lowlr_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 1.0 if step < drop else lowlr_factor
+    )
+    fit(
+        model,
+        loader,
+        epochs=epochs,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        distill=distill,
+        description="fine-tune",
+    )
+
+
+def structured_report(
+    name: str,
+    config: dict,
+    budget: Budget,
+    costs: CostModel,
+    slimmed: SlimResult,
+    example: tuple,
+    adjustment: Adjustment,
+    tied_equivalent: tuple[float, float],
+) -> dict:
+    """The report of a slimmed model: requested vs achieved budget, channels per layer.
+
+    `tied_equivalent` is the (volume, MACs) of the same decision built with tied streams
+    (each keeping the union of its producers' channels): what mixed blocks save. It must
+    be priced before slimming, which changes the layers the cost model's plan reads.
+    """
+    stats = measure(slimmed.model, example)
+    dense = costs.dense(budget.metric)
+    achieved = stats.volume if budget.metric == "volume" else stats.flops
+    kept = {row.fqn: row.channels for row in stats.layers if row.fqn in costs.layers}
+    return {
+        "method": name,
+        "config": config,
+        "budget": budget.to_dict(),
+        "requested": {"metric": budget.metric, "keep": budget.keep, "target": budget.keep * dense},
+        "achieved": {
+            "metric": budget.metric,
+            "keep": achieved / dense,
+            "volume": stats.volume,
+            "flops": stats.flops,
+            "volume_factor": costs.dense_volume / stats.volume,
+            "flops_factor": costs.dense_flops / stats.flops,
+            "params": stats.params,
+            "memory": stats.memory,
+            "sparsity": stats.sparsity,  # zero weights left in the slimmed layers
+        },
+        "dense": {"volume": costs.dense_volume, "flops": costs.dense_flops},
+        "budget_step": {
+            "keep_before": adjustment.before / dense,
+            "removed": adjustment.removed,
+            "restored": adjustment.restored,
+        },
+        "layers": [
+            {"fqn": fqn, "channels": layer.out_channels, "kept": kept.get(fqn, layer.out_channels)}
+            for fqn, layer in costs.layers.items()
+        ],
+        "residual": slimmed.report.get("residual"),
+        "joins": slimmed.report.get("joins", 0),
+        "tied_equivalent": dict(zip(("volume", "flops"), tied_equivalent)),
+    }
+
+
+def own_counts(units: list[GateUnit]) -> dict[int, int]:
+    """Per group id, how many units hold a producer's own channels (mixed streams)."""
+    counts: dict[int, int] = {}
+    for unit in units:
+        if unit.own is not None:
+            counts[unit.group.id] = counts.get(unit.group.id, 0) + 1
+    return counts

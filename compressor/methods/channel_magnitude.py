@@ -1,0 +1,174 @@
+"""Magnitude channel pruning: BAR's baseline at the same volume / FLOP budget.
+
+Each channel is scored by the L1 norm of its filters (Li et al. 2017, "Pruning Filters for
+Efficient ConvNets"), summed over the producers that share it (a channel group, or in mixed
+mode one producer of a residual stream). Every gate unit BAR would have keeps the same
+fraction r of its channels, the best-scored ones; r is the largest that fits the budget,
+and the budget step BAR uses (lowest-scored out, highest back, scores normalised per unit)
+lands the cost within 1 % below it. The slimmed network then trains as long as BAR trains in
+all (its phases 1 to 3), with the same distillation and learning-rate drop, so the two
+differ only in how they choose the channels.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from compressor.errors import InputError
+from compressor.methods.bar import BarConfig
+from compressor.methods.bar_cost import CostModel, at_least_one_, keep_dict, meet_budget
+from compressor.methods.bar_gates import GateUnit, build_units
+from compressor.methods.bar_slim import (
+    check_residual,
+    example_of,
+    excluder,
+    finetune_,
+    slim_model,
+    structured_report,
+)
+from compressor.methods.base import Method, MethodConfig, Result, _jsonable, register_method
+from compressor.methods.probmask import train_loader
+from compressor.surgery import mask_
+from compressor.train import Distill, recalibrate_batchnorm_
+
+if TYPE_CHECKING:
+    from compressor.data import Data
+
+_BAR = BarConfig()
+BISECTION_STEPS = 14  # the uniform keep ratio to 6e-5: finer than one channel of any layer
+
+
+@dataclass(frozen=True)
+class ChannelMagnitudeConfig(MethodConfig):
+    """Magnitude channel pruning; training settings are BAR's so the two compare fairly."""
+
+    # BAR trains phase 1 (epochs) then phases 2 + 3 (finetune_epochs): the same total here.
+    finetune_epochs: int = _BAR.epochs + _BAR.finetune_epochs
+    lowlr_fraction: float = _BAR.lowlr_fraction  # BAR's phase 3 share, lr drop at the end
+    lowlr_factor: float = _BAR.lowlr_factor  # BAR's phase 3 lr multiplier
+    lr: float = _BAR.lr  # BAR's weight lr
+    momentum: float = _BAR.momentum  # BAR's SGD momentum
+    weight_decay: float = _BAR.weight_decay  # BAR's weight decay
+    batch_size: int = _BAR.batch_size  # BAR's batch size
+    residual: str = _BAR.residual  # BAR's default block style, so only the choice differs
+    distill: bool = _BAR.distill  # BAR's distillation from the dense model
+    temperature: float = _BAR.temperature  # BAR's KD temperature
+    alpha: float = _BAR.alpha  # BAR's KD alpha
+    tolerance: float = _BAR.tolerance  # the budget is met within 1 % from below, as BAR
+    bn_batches: int = _BAR.bn_batches  # BatchNorm re-estimated after slimming, as BAR
+
+
+def filter_l1(model: torch.nn.Module, unit: GateUnit) -> torch.Tensor:
+    """Per unit channel, the L1 norm of its filters summed over the producers it gates."""
+    score = torch.zeros(unit.size)
+    for target in unit.targets:
+        weight = model.get_submodule(target.member.fqn).weight.detach()
+        rows = weight.movedim(target.member.dim, 0).reshape(weight.shape[target.member.dim], -1)
+        score.index_add_(0, target.positions, rows.abs().sum(dim=1))
+    return score
+
+
+def top_fraction(scores: torch.Tensor, fixed: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keeps the fixed channels and the ceil(ratio * size) best-scored ones (at least one)."""
+    count = max(1, math.ceil(ratio * len(scores) - 1e-9))
+    order = torch.sort(scores, descending=True, stable=True).indices
+    mask = fixed.clone()
+    mask[order[:count]] = True
+    return mask
+
+
+@register_method("channel-magnitude")
+class ChannelMagnitude(Method):
+    """L1-norm channel pruning to a volume or FLOP budget, slimmed, then fine-tuned."""
+
+    Config = ChannelMagnitudeConfig
+    metrics = ("volume", "flops")
+    needs = "labels"
+    demo_config: ClassVar[dict] = {"finetune_epochs": 5}
+    smoke_config: ClassVar[dict] = {"finetune_epochs": 1, "bn_batches": 2}
+    demo_budget: ClassVar[str] = "4x"  # LeNet-5 on digits keeps 97 % at 4x (93 % at 10x)
+
+    def __init__(self, model, budget, config=None, **overrides):
+        super().__init__(model, budget, config, **overrides)
+        check_residual(self.config.residual)
+        if self.config.finetune_epochs < 0:
+            raise InputError("finetune_epochs must be >= 0")
+        self.example: tuple | None = None
+
+    def prepare(self, example_inputs=None) -> None:
+        """Scores every channel by filter L1 norm and takes the budgeted decision."""
+        cfg = self.config
+        self.example = example_of(self.model, example_inputs)
+        self.costs = CostModel(self.model, self.example, cfg.residual)
+        self.units = build_units(self.costs.analysis.groups, cfg.residual, excluder(cfg.exclude))
+        if not self.units:
+            raise InputError(f"{type(self.model).__name__} has no removable channels")
+        raw = [filter_l1(self.model, u) for u in self.units]
+        # normalised per unit, so the budget step compares channels across layers fairly
+        self.scores = [s / s.max().clamp_min(1e-12) for s in raw]
+        dense = self.costs.dense(self.budget.metric)
+        self.target = self.budget.keep * dense
+        low = self.target - min(cfg.tolerance * self.target, 0.005 * dense)
+        masks = self._uniform(self._best_ratio())
+        self.masks, self.adjustment = meet_budget(
+            self.units, masks, self.scores, self.cost_of, self.target, low
+        )
+
+    def cost_of(self, masks: list[torch.Tensor]) -> float:
+        volume, flops = self.costs.cost(keep_dict(self.units, masks))
+        return volume if self.budget.metric == "volume" else flops
+
+    def _uniform(self, ratio: float) -> list[torch.Tensor]:
+        masks = [top_fraction(s, u.fixed, ratio) for s, u in zip(self.scores, self.units)]
+        at_least_one_(self.units, masks, self.scores)
+        return masks
+
+    def _best_ratio(self) -> float:
+        """The largest uniform keep ratio whose network fits the budget (bisection)."""
+        low, high = 0.0, 1.0
+        for _ in range(BISECTION_STEPS):
+            mid = 0.5 * (low + high)
+            low, high = (
+                (mid, high) if self.cost_of(self._uniform(mid)) <= self.target else (low, mid)
+            )
+        return low
+
+    def finalize(self) -> Result:
+        """Zeroes the removed channels (norms included) and slims them away."""
+        keep = keep_dict(self.units, self.masks)
+        mask_(self.model, keep, self.example, residual=self.config.residual, norms=True)
+        tied = self.costs.cost(keep, "tied")  # priced before slimming changes the layers
+        slimmed = slim_model(self.model, keep, self.example, self.config.residual)
+        config = _jsonable(self.config.__dict__)
+        report = structured_report(
+            self.name, config, self.budget, self.costs, slimmed, self.example, self.adjustment, tied
+        )
+        return Result(slimmed.model, report)
+
+    def run(self, data: Data | None) -> Result:
+        """Prune once, re-estimate BatchNorm, then fine-tune as long as BAR trains."""
+        cfg = self.config
+        loader = train_loader(data, cfg.batch_size)
+        teacher = copy.deepcopy(self.model).eval() if cfg.distill else None
+        distill = Distill(teacher, cfg.temperature, cfg.alpha) if teacher is not None else None
+        self.prepare(data.sample_inputs(2))
+        result = self.finalize()
+        recalibrate_batchnorm_(result.model, loader, max_batches=cfg.bn_batches)
+        finetune_(
+            result.model,
+            loader,
+            epochs=cfg.finetune_epochs,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            lowlr_fraction=cfg.lowlr_fraction,
+            lowlr_factor=cfg.lowlr_factor,
+            distill=distill,
+        )
+        result.model.eval()
+        return result

@@ -1,0 +1,312 @@
+"""BAR (METHODS.md §3): gate math, budget schedule, exact accounting, budget met, slim == gated."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import cli
+from compressor import zoo
+from compressor.budget import Budget
+from compressor.errors import InputError, TargetNotReachedError
+from compressor.io import load_model
+from compressor.methods import prune
+from compressor.methods.bar import Bar
+from compressor.methods.bar_cost import CostModel
+from compressor.methods.bar_gates import (
+    BARRIER_CAP,
+    barrier,
+    barrier_multiplier,
+    hard_concrete_sample,
+    hard_concrete_test,
+    prob_nonzero,
+    prob_one,
+    transition,
+)
+from compressor.stats import measure
+from compressor.surgery import channel_groups, mask_, slim_
+
+BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
+
+
+def _model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return zoo.build(arch, in_channels=1, num_classes=10, input_size=8).eval()
+
+
+def _x(n: int = 4) -> torch.Tensor:
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+# --- the math -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("log_alpha", [-1.0, 0.0, 1.5])
+def test_hard_concrete_samples_match_the_closed_form(log_alpha):
+    torch.manual_seed(0)
+    n = 200_000
+    z = hard_concrete_sample(torch.full((n,), log_alpha), BETA, GAMMA, ZETA)
+    la = torch.tensor(log_alpha)
+    # P(z = 0) = sigmoid(beta log(-gamma/zeta) - log a); P(z = 1) from the upper clamp
+    p0 = 1.0 - float(prob_nonzero(la, BETA, GAMMA, ZETA))
+    p1 = float(prob_one(la, BETA, GAMMA, ZETA))
+    assert p0 == pytest.approx(1 / (1 + math.exp(log_alpha - BETA * math.log(0.1 / 1.1))))
+    for observed, expected in (((z == 0).float().mean(), p0), ((z == 1).float().mean(), p1)):
+        sigma = math.sqrt(expected * (1 - expected) / n)
+        assert abs(float(observed) - expected) < 5 * sigma, (observed, expected)
+    assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0
+
+
+def test_hard_concrete_test_value():
+    la = torch.tensor([-3.0, 0.0, 3.0])
+    expected = (torch.sigmoid(la) * 1.2 - 0.1).clamp(0, 1)  # zeta - gamma = 1.2
+    assert torch.allclose(hard_concrete_test(la, GAMMA, ZETA), expected)
+    assert float(hard_concrete_test(la, GAMMA, ZETA)[0]) == 0.0  # dead: sigmoid(-3) < 1/12
+
+
+def test_barrier_hand_values():
+    assert barrier(-0.3) == 0.0
+    assert barrier(0.0) == 0.0
+    assert barrier(0.5) == pytest.approx(0.5)  # 0.25 / 0.5
+    assert barrier(0.9) == pytest.approx(8.1)  # 0.81 / 0.1
+    assert barrier(1.0) == BARRIER_CAP == 1e10
+    assert barrier(3.0) == BARRIER_CAP
+    assert barrier_multiplier(75.0, 50.0, 100.0) == pytest.approx(0.5)
+    assert barrier_multiplier(40.0, 50.0, 100.0) == 0.0
+
+
+def test_transition_hand_values():
+    assert transition(0.0, 10) == pytest.approx(0.0, abs=1e-12)
+    assert transition(1.0, 10) == pytest.approx(1.0)
+    assert transition(0.5, 10) == pytest.approx(0.5)
+    delta = 1 / (1 + math.exp(5))  # sigmoid(-d/2)
+    assert transition(0.25, 10) == pytest.approx(
+        (1 / (1 + math.exp(2.5)) - delta) / (1 - 2 * delta)
+    )
+    assert transition(0.25, 10) == pytest.approx(0.070104, abs=1e-6)
+    assert transition(-1.0, 10) == 0.0 and transition(2.0, 10) == pytest.approx(1.0)
+
+
+def test_budget_schedule_and_penalty():
+    model = _model("resnet20")
+    method = Bar(model, Budget("volume", 0.25), lambda_=1e-3)
+    method.prepare(_x())
+    dense = measure(model, _x()).volume
+    assert method.dense_cost == dense
+    low, high = method.budget_bounds(0.0)
+    assert high == pytest.approx(1.01 * dense)
+    assert low == pytest.approx(0.25 * dense * (1 - 1e-4))
+    assert method.budget_bounds(1.0)[1] == pytest.approx(0.25 * dense)
+    # L_S = sum_l A_l sum_i P(z > 0): the stem's 16 channels weigh 8 * 8 each
+    stem = next(u for u in method.gates.units if u.name == "stem.0")
+    assert torch.allclose(stem.weight, torch.full((16,), 64.0))
+    sparsity_loss = sum(
+        (u.weight * prob_nonzero(u.log_alpha, BETA, GAMMA, ZETA)).sum() for u in method.gates.units
+    )
+    f = barrier_multiplier(dense, low, high)
+    a = 0.25 * (1 - 1e-4)
+    x = (1 - a) / (1.01 - a)  # V = V0 at the start, in units of V0
+    assert f == pytest.approx(x * x / (1 - x))
+    expected = 1e-3 * f * sparsity_loss / dense  # small enough: no cap
+    assert float(method.penalty().detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_penalty_gradient_is_capped_at_the_wall():
+    method = Bar(_model("resnet20"), Budget("volume", 0.25), gate_clip=0.5)
+    method.prepare(_x())
+    method.multiplier = BARRIER_CAP  # the cost reached b
+    method.penalty().backward()
+    grads = torch.cat([u.log_alpha.grad for u in method.gates.units])
+    assert float(grads.norm()) == pytest.approx(0.5, rel=1e-4)
+    slopes = torch.cat(
+        [
+            u.weight
+            * prob_nonzero(u.log_alpha, BETA, GAMMA, ZETA)
+            * (1 - prob_nonzero(u.log_alpha, BETA, GAMMA, ZETA))
+            for u in method.gates.units
+        ]
+    ).detach()
+    assert torch.allclose(grads / grads.norm(), slopes / slopes.norm(), atol=1e-6)
+
+
+# --- exact accounting ---------------------------------------------------------------------------
+
+
+def _random_keep(groups, residual: str, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    keep = {}
+    for group in groups:
+        if not group.prunable:
+            continue
+        by_layer = residual == "mixed" and group.residual and not group.of_kind("grouped")
+        for key, size in (
+            [(m.fqn, len(m.index)) for m in group.of_kind("producer")]
+            if by_layer
+            else [(group.id, group.size)]
+        ):
+            mask = torch.rand(size, generator=generator) < 0.4
+            mask[0] = True
+            keep[key] = mask
+    return keep
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "mobilenetv2", "lenet5"])
+@pytest.mark.parametrize("residual", ["mixed", "tied"])
+def test_cost_model_predicts_the_slimmed_network(arch, residual):
+    model, x = _model(arch), _x()
+    costs = CostModel(model, (x,), residual)
+    keep = _random_keep(channel_groups(model, x), residual, seed=3)
+    volume, flops = costs.cost(keep)
+    mask_(model, keep, x, residual=residual, norms=True)
+    stats = measure(slim_(model, keep, x, residual=residual).model, x)
+    assert volume == pytest.approx(stats.volume, rel=1e-9)
+    assert flops == pytest.approx(stats.flops, rel=1e-9)
+    assert stats.volume < costs.dense_volume and stats.flops < costs.dense_flops
+
+
+def test_cost_model_prices_a_mixed_decision_built_tied():
+    model, x = _model("resnet20"), _x()
+    costs = CostModel(model, (x,), "mixed")
+    keep = _random_keep(channel_groups(model, x), "mixed", seed=4)
+    volume, flops = costs.cost(keep, "tied")  # every stream keeps its producers' union
+    mask_(model, keep, x, residual="tied", norms=True)
+    stats = measure(slim_(model, keep, x, residual="tied").model, x)
+    assert (volume, flops) == pytest.approx((stats.volume, stats.flops), rel=1e-9)
+    assert volume > costs.cost(keep)[0]
+
+
+# --- the budget is met --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["volume", "flops"])
+@pytest.mark.parametrize("factor", [2, 4, 8])
+@pytest.mark.parametrize("arch", ["resnet20", "mobilenetv2"])
+def test_budget_met(arch, factor, metric, small_digits):
+    model = _model(arch)
+    result = prune(
+        model,
+        "bar",
+        Budget(metric, 1 / factor),
+        small_digits,
+        epochs=1,
+        finetune_epochs=0,
+        bn_batches=1,
+    )
+    stats, dense = measure(result.model, _x()), measure(model, _x())
+    achieved = (stats.volume / dense.volume) if metric == "volume" else stats.flops / dense.flops
+    assert 0.99 / factor <= achieved <= 1 / factor + 1e-12
+    assert result.report["achieved"]["keep"] == pytest.approx(achieved)
+    assert result.report["requested"]["keep"] == 1 / factor
+    assert stats.params < dense.params
+    assert result.report["tied_equivalent"]["volume"] >= stats.volume  # mixed never costs more
+    kept = {row["fqn"]: row["kept"] for row in result.report["layers"]}
+    assert kept == {r.fqn: r.channels for r in stats.layers if r.fqn in kept}
+    assert torch.isfinite(result.model(_x())).all()
+
+
+def test_tied_mode_meets_the_budget_with_equal_stream_channels(small_digits):
+    result = prune(
+        _model("resnet20"), "bar", "4x", small_digits, epochs=1, finetune_epochs=0, residual="tied"
+    )
+    kept = {row["fqn"]: row["kept"] for row in result.report["layers"]}
+    stream = ["stem.0", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"]
+    assert len({kept[fqn] for fqn in stream}) == 1
+    assert result.report["joins"] == 0
+    assert 0.99 * 0.25 <= result.report["achieved"]["keep"] <= 0.25
+
+
+def test_budget_below_the_smallest_network_is_refused():
+    method = Bar(_model("resnet20"), Budget("volume", 1 / 100))
+    method.prepare(_x())
+    with pytest.raises(TargetNotReachedError, match="smallest network"):
+        method.decide()
+
+
+def test_bad_residual_mode():
+    with pytest.raises(InputError, match="residual 'loose'"):
+        Bar(_model("resnet20"), Budget("volume", 0.5), residual="loose")
+
+
+# --- slimmed == gated ---------------------------------------------------------------------------
+
+
+def _randomize_gates_(method: Bar, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for unit in method.gates.units:
+            unit.log_alpha.copy_(torch.randn(unit.size, generator=generator) * 3 + 1)
+
+
+def _gated(arch: str, residual: str, metric: str, keep: float, seed: int = 5) -> Bar:
+    method = Bar(_model(arch), Budget(metric, keep), residual=residual)
+    method.prepare(_x())
+    _randomize_gates_(method, seed)
+    return method
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("arch", "residual"), [("resnet20", "mixed"), ("resnet20", "tied"), ("mobilenetv2", "mixed")]
+)
+def test_slimmed_equals_gated_at_test_time(arch, residual):
+    probe = _gated(arch, residual, "volume", 0.5)
+    learned = probe.cost_of(probe.learned_masks()) / probe.dense_cost
+    method = _gated(arch, residual, "volume", learned)  # a budget the gates meet as they are
+    x = _x(8)
+    method.model.eval()
+    gated = method.model(x)
+    method.decide()
+    assert method.adjustment.removed == method.adjustment.restored == 0
+    for unit in method.gates.units:  # frozen at the deterministic test values
+        z = hard_concrete_test(unit.log_alpha, GAMMA, ZETA)
+        assert torch.equal(unit.frozen[~unit.fixed], z.detach()[~unit.fixed])
+    assert any(bool((u.frozen == 0).any()) for u in method.gates.units)
+    assert any(bool(((u.frozen > 0) & (u.frozen < 1)).any()) for u in method.gates.units)
+    result = method.finalize()
+    torch.testing.assert_close(result.model.eval()(x), gated.detach(), rtol=1e-5, atol=1e-5)
+    assert _hooks(method.model) == 0 and _hooks(result.model) == 0
+    assert result.report["budget_step"]["note"] == "the gates alone met the budget"
+    assert measure(result.model, x).params < measure(_model(arch), x).params
+
+
+def test_slimmed_mixed_model_exports_to_onnx(tmp_path):
+    from exporters.onnx import export_onnx
+
+    method = _gated("resnet20", "mixed", "flops", 0.3)
+    result = method.finalize()
+    assert result.report["joins"] > 0
+    exported = export_onnx(result.model, tmp_path / "bar.onnx", (_x(2),))
+    assert exported.verified and exported.max_abs_diff <= exported.tolerance
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "bar.onnx")).graph.node}
+    assert "ScatterND" in ops or "ScatterElements" in ops
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_prune_bar(tmp_path, lenet5_pt2):
+    out = tmp_path / "bar.pt2"
+    args = ["prune", lenet5_pt2, "--method", "bar", "--budget", "4x", "--data", "digits"]
+    args += ["--epochs", "1", "--finetune-epochs", "1", "--lambda", "0.5", "-o", out]
+    args += ["--residual", "tied", "--budget-metric", "flops", "--batch-size", "128"]
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = load_model(out).report
+    assert report["method"] == "bar" and report["budget"]["metric"] == "flops"
+    assert report["config"]["lambda_"] == 0.5 and report["config"]["residual"] == "tied"
+    assert 0.99 * 0.25 <= report["achieved"]["keep"] <= 0.25
+
+
+def test_cli_refuses_a_weights_budget_for_bar(tmp_path, lenet5_pt2):
+    args = ["prune", lenet5_pt2, "--method", "bar", "--sparsity", "0.9", "--data", "digits"]
+    result = CliRunner().invoke(cli, [str(a) for a in args] + ["-o", str(tmp_path / "o.pt2")])
+    assert result.exit_code == 2
+    assert "volume or flops" in result.output
