@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -208,6 +209,13 @@ def check_target(report: dict, budget: Budget) -> None:
         )
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        # deep-copying a lifted .pt2 model trips torch's own pytree deprecation warning
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
+        return copy.deepcopy(model)
+
+
 def prune(
     model: nn.Module,
     method: str,
@@ -238,7 +246,7 @@ def prune(
     if cls.needs != "nothing" and data is None:
         raise InputError(f"method {method!r} needs data ({cls.needs}); pass --data SPEC")
     torch.manual_seed(seed)
-    instance = cls(copy.deepcopy(model) if copy_model else model, budget, **config)
+    instance = cls(_copy(model) if copy_model else model, budget, **config)
     start = time.perf_counter()
     result = instance.run(data)
     result.report["seconds"] = time.perf_counter() - start

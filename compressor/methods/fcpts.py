@@ -1,0 +1,212 @@
+"""FCPTS: fast and controllable post-training sparsity (METHODS.md §1).
+
+One learnable magnitude threshold per layer, `t_l = sigmoid(s_l)` in raw weight units,
+masks `1[|W_l| >= t_l]`. Starting from the ERK allocation, the weights are trained to
+reconstruct the dense model's outputs through the masked forward (masked weights get no
+reconstruction gradient: the mask is a detached multiply), while the thresholds move
+through the control loss `lambda_c * |sum_l r_l N_l / N - r0|`, differentiated by the
+bridge `dr_l/dt_l = p_l(t_l) + p_l(-t_l)` (see `fcpts_bridge`).
+
+The official code never enforces r0 exactly; this implementation ends with an exact step:
+all thresholds are scaled by one common factor `f` (`t_l' = t_l * f`, an offset in units of
+each layer's threshold) so that the global count of zeros is exactly round(r0 * N).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from compressor.errors import InputError
+from compressor.masks import bake_masks_, topk_mask, weight_of
+from compressor.methods.base import Result, register_method
+from compressor.methods.fcpts_bridge import DENSITIES, layer_sparsity
+from compressor.methods.fcpts_recon import ReconstructionConfig, ReconstructionMethod, erk_counts
+
+
+@dataclass(frozen=True)
+class FcptsConfig(ReconstructionConfig):
+    """FCPTS hyper-parameters; the reconstruction ones are inherited (official defaults)."""
+
+    lambda_c: float = 1.0  # official run.sh: EXTRA.sparsity_lambda 1.0, loss type "abs"
+    threshold_decay: float = 0.0  # official run.sh: EXTRA.st_decay 0.0 (no decay on s)
+    density: str = "histogram"  # official: 100-bin histogram; "kde" is the paper's variant
+    bins: int = 100  # official: bins_num = 100
+    kde_points: int = 100  # paper: 100 sampled points
+    kde_bandwidth: float = 0.5  # paper: bandwidth 0.5 (in std units of the weights)
+    s_min: float = -30.0  # official: min_score = -30 when initialising s
+    s_max: float = 30.0  # ours: caps logit(t) for thresholds >= 1 (weights larger than 1)
+
+
+class ThresholdMask(nn.Module):
+    """Parametrization `W -> W * 1[|W| >= sigmoid(score)]` with a learnable scalar score.
+
+    The mask is detached: masked weights get no reconstruction gradient and the score
+    gets none from the reconstruction either; it moves through the control loss only.
+    """
+
+    def __init__(self, score: float, device: torch.device | str | None = None):
+        super().__init__()
+        self.score = nn.Parameter(torch.tensor(float(score), device=device))
+
+    def threshold(self) -> torch.Tensor:
+        return torch.sigmoid(self.score)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        keep = weight.detach().abs() >= self.threshold().detach()
+        return weight * keep
+
+
+def initial_score(weight: torch.Tensor, zeros: int, s_min: float, s_max: float) -> float:
+    """The score whose threshold leaves exactly `zeros` weights below it (absent ties).
+
+    The threshold sits midway between the `zeros`-th and the next smallest magnitude, so
+    the float32 round trip through logit and sigmoid cannot move a weight across it. The
+    score is its logit, clamped to [s_min, s_max] (official clamps at -30 only).
+    """
+    magnitudes = torch.sort(weight.detach().abs().flatten().double()).values
+    below = float(magnitudes[zeros - 1]) if zeros > 0 else 0.0
+    above = float(magnitudes[zeros]) if zeros < magnitudes.numel() else 2.0 * below + 1e-30
+    threshold = 0.5 * (below + above)
+    if threshold <= 0.0:
+        return s_min
+    if threshold >= 1.0:
+        return s_max
+    return min(s_max, max(s_min, math.log(threshold) - math.log1p(-threshold)))
+
+
+def exact_masks(
+    weights: dict[str, torch.Tensor], thresholds: dict[str, float], keep_total: int
+) -> tuple[dict[str, torch.Tensor], float, int]:
+    """Masks after scaling every threshold by one common factor so `keep_total` weights stay.
+
+    The global count of zeros at factor f is `#{i : |W_i| / t_l(i) < f}`, a monotone step
+    function of f whose jumps sit at the ratios |W_i| / t_l(i). A bisection on f therefore
+    ends at an order statistic of those ratios; we take it directly (one sort), which is the
+    bisection's exact limit. When equal ratios straddle the boundary no threshold separates
+    them, and the tie is broken by position (a stable sort), as magnitude pruning does.
+
+    Returns:
+        (masks, factor, ties): `factor` is the common multiplier of the thresholds
+        (`t_l' = t_l * factor`); `ties` counts weights at the boundary ratio that were
+        pruned by position rather than by threshold.
+    """
+    fqns = list(weights)
+    ratios = torch.cat([weights[f].detach().abs().flatten().double() / thresholds[f] for f in fqns])
+    keep = topk_mask(ratios, keep_total)
+    factor = float(ratios[keep].min()) if keep_total > 0 else math.inf
+    ties = int((ratios >= factor).sum()) - keep_total
+    chunks = torch.split(keep, [weights[f].numel() for f in fqns])
+    return {f: c.view_as(weights[f]) for f, c in zip(fqns, chunks)}, factor, ties
+
+
+@register_method("fcpts")
+class Fcpts(ReconstructionMethod):
+    """Learned per-layer thresholds under a global sparsity constraint, then an exact step.
+
+    `run(data)` does the whole schedule. To drive the lifecycle from your own loop:
+    `prepare()`; per step add `penalty()` (the control loss) to your reconstruction loss and
+    step an optimiser over `param_groups()`; then `finalize()` (the exact step; a plain
+    module comes out) and re-estimate BatchNorm with `compressor.train.recalibrate_batchnorm_`.
+    """
+
+    Config: ClassVar[type[FcptsConfig]] = FcptsConfig
+
+    def __init__(self, model, budget, config=None, **overrides):
+        super().__init__(model, budget, config, **overrides)
+        if self.config.density not in DENSITIES:
+            raise InputError(
+                f"density {self.config.density!r} is not one of {', '.join(DENSITIES)}"
+            )
+        self.sizes = {f: weight_of(m).numel() for f, m in self.layers.items()}
+        self.total = sum(self.sizes.values())
+
+    def prepare(self) -> None:
+        """Installs a ThresholdMask on every prunable layer, at its ERK sparsity."""
+        counts = erk_counts(self.layers, self.budget.sparsity, self.budget.keep)
+        self.erk = {f: 1.0 - counts[f] / self.sizes[f] for f in self.layers}
+        self._order = {f: list(m._parameters) for f, m in self.layers.items()}
+        for fqn, module in self.layers.items():
+            zeros = self.sizes[fqn] - counts[fqn]
+            score = initial_score(weight_of(module), zeros, self.config.s_min, self.config.s_max)
+            mask = ThresholdMask(score, weight_of(module).device)
+            parametrize.register_parametrization(module, "weight", mask)
+
+    def _masks(self) -> dict[str, ThresholdMask]:
+        return {f: m.parametrizations.weight[0] for f, m in self.layers.items()}
+
+    def thresholds(self) -> dict[str, torch.Tensor]:
+        """The current per-layer thresholds t_l = sigmoid(s_l) (differentiable in s_l)."""
+        return {f: mask.threshold() for f, mask in self._masks().items()}
+
+    def global_sparsity(self) -> torch.Tensor:
+        """`sum_l r_l N_l / N` at the current thresholds, differentiable through the bridge."""
+        cfg = self.config
+        total = 0.0
+        for fqn, threshold in self.thresholds().items():
+            r = layer_sparsity(
+                threshold,
+                weight_of(self.layers[fqn]),
+                cfg.density,
+                bins=cfg.bins,
+                kde_points=cfg.kde_points,
+                kde_bandwidth=cfg.kde_bandwidth,
+            )
+            total = total + r * (self.sizes[fqn] / self.total)
+        return total
+
+    def penalty(self) -> torch.Tensor:
+        """The control loss `lambda_c * |sum_l r_l N_l / N - r0|`."""
+        return self.config.lambda_c * (self.global_sparsity() - self.budget.sparsity).abs()
+
+    def param_groups(self) -> list[dict]:
+        """Weights (weight decay) and thresholds (`threshold_decay`, 0 as official)."""
+        scores = [mask.score for mask in self._masks().values()]
+        ids = {id(s) for s in scores}
+        weights = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
+        return [
+            {"params": weights, "weight_decay": self.config.weight_decay},
+            {"params": scores, "weight_decay": self.config.threshold_decay},
+        ]
+
+    def allocation(self, thresholds: dict[str, float]) -> dict[str, float]:
+        """Per-layer sparsity `mean(|W_l| < t_l)` at the given thresholds."""
+        return {
+            f: int((weight_of(m).detach().abs() < thresholds[f]).sum()) / self.sizes[f]
+            for f, m in self.layers.items()
+        }
+
+    def finalize(self) -> Result:
+        """The exact step, then bakes the masks and removes every ThresholdMask."""
+        learned_t = {f: float(t.detach()) for f, t in self.thresholds().items()}
+        learned = self.allocation(learned_t)
+        weights = {f: weight_of(m).detach() for f, m in self.layers.items()}
+        keep_total = round(self.budget.keep * self.total)
+        masks, factor, ties = exact_masks(weights, learned_t, keep_total)
+        for fqn, module in self.layers.items():
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            # removal re-registers `weight` last; restore the order so the state_dict's
+            # keys come out in the same order as the input model's
+            module._parameters = {k: module._parameters[k] for k in self._order[fqn]}
+        bake_masks_(self.layers, masks)
+        report = self._report(learned, learned_t, masks, factor, ties)
+        return Result(self.model, self.base_report() | report)
+
+    def _report(self, learned: dict, learned_t: dict, masks: dict, factor: float, ties: int):
+        final = {f: 1.0 - int(mask.sum()) / self.sizes[f] for f, mask in masks.items()}
+        learned_global = sum(learned[f] * self.sizes[f] for f in learned) / self.total
+        return {
+            "allocation": {"erk": self.erk, "learned": learned, "final": final},
+            "learned_sparsity": learned_global,
+            "thresholds": {
+                "learned": learned_t,
+                "final": {f: t * factor for f, t in learned_t.items()},
+            },
+            "offset": factor - 1.0,
+            "ties_broken_by_position": ties,
+        } | self.loss_report()
