@@ -45,14 +45,14 @@ from compressor.methods.bar_slim import (
     check_residual,
     example_of,
     excluder,
-    finetune_,
     own_counts,
+    recalibrate_and_finetune_,
     slim_model,
     structured_report,
 )
 from compressor.methods.base import Method, MethodConfig, Result, _jsonable, register_method
 from compressor.methods.probmask import train_loader
-from compressor.train import Distill, fit, recalibrate_batchnorm_, sgd
+from compressor.train import Distill, fit, sgd
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -270,17 +270,5 @@ class Bar(Method):
                 description="bar: gates",
             )
         result = self.finalize()
-        recalibrate_batchnorm_(result.model, loader, max_batches=cfg.bn_batches)
-        finetune_(
-            result.model,
-            loader,
-            epochs=cfg.finetune_epochs,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            lowlr_fraction=cfg.lowlr_fraction,
-            lowlr_factor=cfg.lowlr_factor,
-            distill=distill,
-        )
-        result.model.eval()
+        recalibrate_and_finetune_(result.model, loader, cfg, distill)
         return result

@@ -14,7 +14,7 @@ from compressor.methods.bar_cost import Adjustment, CostModel
 from compressor.methods.bar_gates import GateUnit
 from compressor.stats import measure
 from compressor.surgery import SlimResult, slim_
-from compressor.train import Distill, fit, sgd
+from compressor.train import Distill, fit, recalibrate_batchnorm_, sgd
 
 if TYPE_CHECKING:
     from compressor.budget import Budget
@@ -83,6 +83,27 @@ def finetune_(
         distill=distill,
         description="fine-tune",
     )
+
+
+def recalibrate_and_finetune_(model: nn.Module, loader: DataLoader, cfg, distill) -> nn.Module:
+    """BatchNorm statistics re-estimated on the slimmed model, then the fine-tuning phases.
+
+    Shared by BAR and its magnitude baseline so both get the same training after pruning.
+    Modifies `model` in place and leaves it in eval mode.
+    """
+    recalibrate_batchnorm_(model, loader, max_batches=cfg.bn_batches)
+    finetune_(
+        model,
+        loader,
+        epochs=cfg.finetune_epochs,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        lowlr_fraction=cfg.lowlr_fraction,
+        lowlr_factor=cfg.lowlr_factor,
+        distill=distill,
+    )
+    return model.eval()
 
 
 def structured_report(

@@ -27,14 +27,14 @@ from compressor.methods.bar_slim import (
     check_residual,
     example_of,
     excluder,
-    finetune_,
+    recalibrate_and_finetune_,
     slim_model,
     structured_report,
 )
 from compressor.methods.base import Method, MethodConfig, Result, _jsonable, register_method
 from compressor.methods.probmask import train_loader
 from compressor.surgery import mask_
-from compressor.train import Distill, recalibrate_batchnorm_
+from compressor.train import Distill
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -158,17 +158,5 @@ class ChannelMagnitude(Method):
         distill = Distill(teacher, cfg.temperature, cfg.alpha) if teacher is not None else None
         self.prepare(data.sample_inputs(2))
         result = self.finalize()
-        recalibrate_batchnorm_(result.model, loader, max_batches=cfg.bn_batches)
-        finetune_(
-            result.model,
-            loader,
-            epochs=cfg.finetune_epochs,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            lowlr_fraction=cfg.lowlr_fraction,
-            lowlr_factor=cfg.lowlr_factor,
-            distill=distill,
-        )
-        result.model.eval()
+        recalibrate_and_finetune_(result.model, loader, cfg, distill)
         return result
