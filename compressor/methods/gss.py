@@ -35,7 +35,13 @@ from torch.utils.data import DataLoader
 from compressor.errors import CompressorError, CompressorWarning, InputError
 from compressor.masks import apply_masks_, prunable_layers, strip_, weight_of
 from compressor.methods import gss_prune, gss_reg
-from compressor.methods.base import Method, MethodConfig, Result, register_method
+from compressor.methods.base import (
+    TARGET_TOLERANCE,
+    Method,
+    MethodConfig,
+    Result,
+    register_method,
+)
 from compressor.methods.probmask import train_loader
 from compressor.stats import measure
 from compressor.surgery import channel_groups, slim_
@@ -247,8 +253,9 @@ class Gss(Method):
         if self.config.prune == "threshold":
             self.keep = threshold
         else:
-            target = self.budget.keep * dense.flops
-            self.keep = gss_prune.select_channels(self.neurons, ranks, counter, target)
+            # land within half the toolkit's 0.5 % tolerance (base.TARGET_TOLERANCE)
+            target, slack = self.budget.keep * dense.flops, 0.5 * TARGET_TOLERANCE * dense.flops
+            self.keep = gss_prune.select_channels(self.neurons, ranks, counter, target, slack)
         masks = gss_prune.channel_masks(self.model, self.groups, self.keep)
         gss_prune.install_masks_(self.model, masks)
         self.masked = True

@@ -113,6 +113,14 @@ class FlopCounter:
             for fqn, flops in self.layer_flops.items()
         )
 
+    def saving(self, group_id: int, channel: int) -> float:
+        """MACs that removing one more channel of a group saves, at the current widths."""
+        saved = 0.0
+        for (fqn, side), counts in self.touches.get(group_id, []):
+            total = self.slices[(fqn, side)][1]
+            saved += self.layer_flops[fqn] * counts[channel] / total * self._fraction(fqn, 1 - side)
+        return saved
+
     def change(self, group_id: int, channel: int, sign: int) -> None:
         """Removes (sign -1) or restores (sign +1) one channel of a group."""
         for side, counts in self.touches.get(group_id, []):
@@ -124,8 +132,14 @@ def select_channels(
     scores: Sequence[torch.Tensor],
     counter: FlopCounter,
     target: float,
+    slack: float,
 ) -> dict[int, torch.Tensor]:
-    """Keep masks per group id whose predicted MACs are at most `target`, as close as fits.
+    """Keep masks per group id whose predicted MACs are in [target - slack, target].
+
+    Removes channels from the least important up (the regulariser decides the structure),
+    never a group's last one, until the MACs fit. A removal that would undershoot by more
+    than `slack` (a coarse channel near the end) is set aside for finer ones; then the most
+    important removed channels that still fit are put back.
 
     Raises:
         TargetNotReachedError: even one channel per group (and every fixed one) costs more.
@@ -136,11 +150,20 @@ def select_channels(
         for ng, s in zip(groups, scores)
         for j in ng.channels.nonzero().flatten().tolist()
     )
-    removed = []
+    removed, aside = [], []
     for _, gid, j in order:
         if counter.total() <= target:
             break
-        if int(keep[gid].sum()) > 1:
+        if int(keep[gid].sum()) == 1:
+            continue
+        if counter.total() - counter.saving(gid, j) < target - slack:
+            aside.append((gid, j))  # would undershoot the target by more than the slack
+            continue
+        counter.change(gid, j, -1)
+        keep[gid][j] = False
+        removed.append((gid, j))
+    for gid, j in aside:  # finer channels could not land it: take the coarse steps after all
+        if counter.total() > target and int(keep[gid].sum()) > 1:
             counter.change(gid, j, -1)
             keep[gid][j] = False
             removed.append((gid, j))
