@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -174,6 +175,27 @@ def _pct(value) -> str:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--checkpoint",
+    "checkpoint_path",
+    type=click.Path(dir_okay=False),
+    help="Write a checkpoint here at every epoch boundary of training.",
+)
+@click.option(
+    "--resume",
+    type=click.Path(dir_okay=False),
+    help="Continue the run that wrote this checkpoint (same command otherwise).",
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    help="Train data-parallel in N local processes (torch.distributed, gloo on CPU).",
+)
+@click.option(
+    "--check-ranks",
+    is_flag=True,
+    help="Data-parallel debug: compare a hash of all state across ranks every epoch.",
+)
 @handle_errors
 def prune(
     model,
@@ -190,15 +212,30 @@ def prune(
     report,
     seed,
     as_json,
+    checkpoint_path,
+    resume,
+    nproc,
+    check_ranks,
     **method_opts,
 ):
     """Compress MODEL with a method to a budget; write a .pt2 with the report embedded."""
+    from compressor import distributed
     from compressor.errors import InputError
-    from compressor.io import atomic_write, save_model
+    from compressor.io import atomic_write, same_file, save_model
     from compressor.methods import get_method
     from compressor.methods import prune as run_prune
     from compressor.train import evaluate
 
+    if nproc is not None and nproc > 1 and not distributed.launched():
+        _launch_workers(nproc)
+    if nproc is not None and distributed.launched():
+        size = distributed.world_size_from_env()
+        if nproc != size:
+            raise click.UsageError(
+                f"--nproc {nproc} inside a launcher that started {size} processes; "
+                "drop --nproc when torchrun starts the workers"
+            )
+    distributed.init_from_env()
     cls = get_method(method)
     target = _resolve_budget(budget, sparsity, budget_metric, cls)
     data_obj = load_data_spec(data, seed=seed)
@@ -211,8 +248,33 @@ def prune(
     test_loader = (
         (data_obj.test or data_obj.val) if data_obj is not None and data_obj.has_labels else None
     )
-    dense_top1 = evaluate(loaded.model, test_loader)
-    result = run_prune(loaded.model, method, target, data_obj, seed=seed, **config)
+    # refuse now, not after hours of training
+    if same_file(output, model):
+        raise InputError(
+            f"output {output!r} is the input file; choose another path with -o "
+            "(compressor never overwrites its input)"
+        )
+    written = checkpoint_path or resume
+    if written is not None and same_file(written, model):
+        raise InputError(f"checkpoint {written!r} is the input model; choose another path")
+    if written is not None and same_file(written, output):
+        raise InputError(f"checkpoint {written!r} is also the output; choose another path")
+    main = distributed.is_main()
+    dense_top1 = evaluate(loaded.model, test_loader) if main else None
+    result = run_prune(
+        loaded.model,
+        method,
+        target,
+        data_obj,
+        seed=seed,
+        checkpoint_path=checkpoint_path,
+        resume=resume,
+        check_ranks=check_ranks,
+        **config,
+    )
+    if not main:
+        distributed.shutdown()
+        return  # rank 0 writes the files and prints
     result.report["dense_top1"] = dense_top1
     result.report["top1"] = evaluate(result.model, test_loader)
     result.report["source"] = str(model)
@@ -233,6 +295,22 @@ def prune(
         emit_json(result.report)
     else:
         print_prune_summary(result.report, output)
+    distributed.shutdown()
+
+
+def _launch_workers(nproc: int) -> None:
+    """Re-runs this command line (without --nproc) in `nproc` workers; exits with their code."""
+    from compressor import distributed
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    sys.exit(distributed.launch(nproc, argv))
 
 
 def _method_flags(values: dict, cls) -> dict:

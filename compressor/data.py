@@ -89,6 +89,17 @@ class Data:
         # a copy: a view would drag the whole dataset's storage into anything that saves it
         return _first_inputs(self.train, n).clone()
 
+    def fingerprint(self) -> dict:
+        """What identifies this data for a checkpoint: spec, sizes, seed, first inputs."""
+        from compressor.distributed import digest
+
+        return {
+            "name": self.name,
+            "train_samples": len(self.train.dataset),
+            "seed": self.seed,
+            "first_inputs": digest([self.sample_inputs(16)])[:16],
+        }
+
     def calibration(self, n: int, batch_size: int) -> DataLoader:
         """Returns a loader over the first ``n`` train inputs, labels replaced by -1.
 

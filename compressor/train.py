@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from compressor import distributed
+from compressor.checkpoint import current as current_run
 from compressor.errors import InputError
 
 _QUIET = False
@@ -31,8 +33,9 @@ def set_quiet(quiet: bool) -> None:
 
 
 def show_progress() -> bool:
-    """Progress bars only on an interactive terminal, never in CI or pipes."""
-    return not _QUIET and sys.stderr.isatty() and not os.environ.get("CI")
+    """Progress bars only on an interactive terminal (rank 0), never in CI or pipes."""
+    quiet = _QUIET or not distributed.is_main()  # one bar, on rank 0
+    return not quiet and sys.stderr.isatty() and not os.environ.get("CI")
 
 
 @contextlib.contextmanager
@@ -114,56 +117,83 @@ def fit(
     penalty: Callable[[], torch.Tensor] | None = None,
     after_step: Callable[[float], None] | None = None,
     clip_grad: float | None = None,
+    train_step: Callable[[nn.Module, torch.Tensor, torch.Tensor], float] | None = None,
     description: str = "train",
     start_epoch: int = 0,
     on_epoch_end: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Trains `model` in place; returns the mean loss of each epoch.
 
+    Inside a process group the model trains as DistributedDataParallel on this rank's
+    shard of every batch; inside a `checkpoint.session` the call is one phase of a run
+    (checkpointed at every epoch boundary, skipped when a resumed run had finished it).
+
     Args:
         penalty: extra loss term added each step (a method's `penalty()`).
         after_step: called after every optimiser step with training progress in [0, 1]
             (a method's `step()`: projections, schedules).
         clip_grad: max gradient norm, if any.
+        train_step: replaces forward, backward and the optimiser step: called with the
+            network to run (the DDP wrapper in a process group) and the batch; returns the
+            loss. `penalty`, `distill` and `clip_grad` are then the caller's business.
         start_epoch: first epoch to run (when resuming from a checkpoint).
         on_epoch_end: called with the number of finished epochs (e.g. to checkpoint).
     """
     if len(loader) == 0:
         raise InputError("the training data is empty")
+    run = current_run()
+    phase = run.begin_phase(description) if run is not None else None
+    if run is not None and run.finished(phase):
+        run.restore_finished(phase, model, loader)
+        return []
+    if run is not None:
+        start_epoch = max(
+            start_epoch, run.restore_current(phase, model, optimizer, scheduler, loader)
+        )
     if distill is not None:
         distill.teacher.eval()
-    total = epochs * len(loader)
+    shard = distributed.shard(loader)
+    net = distributed.wrap(model)
+    total = epochs * len(shard)
     history = []
+    hooks = (distill, penalty, after_step, clip_grad, train_step)
     with progress(total, description) as advance:
-        advance(start_epoch * len(loader))
+        advance(start_epoch * len(shard))
         for epoch in range(start_epoch, epochs):
-            hooks = (distill, penalty, after_step, clip_grad)
-            done = epoch * len(loader)
-            history.append(_epoch(model, loader, optimizer, scheduler, hooks, done, total, advance))
+            if hasattr(shard.sampler, "set_epoch"):
+                shard.sampler.set_epoch(epoch)
+            done = epoch * len(shard)
+            history.append(_epoch(net, shard, optimizer, scheduler, hooks, done, total, advance))
+            if run is not None:
+                run.epoch_end(phase, epoch + 1, epochs, model, optimizer, scheduler, loader)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1)
     return history
 
 
-def _epoch(model, loader, optimizer, scheduler, hooks, done, total, advance):
-    distill, penalty, after_step, clip = hooks
-    model.train()
+def _epoch(net, loader, optimizer, scheduler, hooks, done, total, advance):
+    distill, penalty, after_step, clip, train_step = hooks
+    net.train()
     losses = []
     for x, y in loader:
-        loss = task_loss(model(x), y, x, distill)
-        if penalty is not None:
-            loss = loss + penalty()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
+        if train_step is not None:
+            loss_value = train_step(net, x, y)
+        else:
+            loss = task_loss(net(x), y, x, distill)
+            if penalty is not None:
+                loss = loss + penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(net.parameters(), clip)
+            optimizer.step()
+            loss_value = loss.item()
         if scheduler is not None:
             scheduler.step()
         done += 1
         if after_step is not None:
             after_step(done / total)
-        losses.append(loss.item())
+        losses.append(loss_value)
         advance(loss=losses[-1])
     return sum(losses) / len(losses)
 

@@ -26,12 +26,12 @@ dense MACs in its producers plus its consumers (shared among a mixed stream's pr
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from compressor import distributed
 from compressor.errors import InputError
 from compressor.methods.bar_cost import CostModel, at_least_one_, keep_dict, meet_budget
 from compressor.methods.bar_gates import (
@@ -50,7 +50,14 @@ from compressor.methods.bar_slim import (
     slim_model,
     structured_report,
 )
-from compressor.methods.base import Method, MethodConfig, Result, _jsonable, register_method
+from compressor.methods.base import (
+    Method,
+    MethodConfig,
+    Result,
+    _jsonable,
+    clone_model,
+    register_method,
+)
 from compressor.methods.probmask import train_loader
 from compressor.train import Distill, fit, sgd
 
@@ -175,9 +182,30 @@ class Bar(Method):
         """Updates the gates (their own SGD), then the hard cost and the barrier multiplier."""
         if self.masks is not None:
             return  # the decision is taken: gates are frozen
+        distributed.average_gradients_(self.gates.parameters())  # DDP does not own them
         self.gate_optimizer.step()
         self.gate_optimizer.zero_grad(set_to_none=True)
         self._refresh(progress)
+
+    def state_dict(self) -> dict:
+        """log alpha (kept outside the model), the gates' optimiser, the barrier state."""
+        if self.gates is None:
+            return {}
+        return {
+            "log_alpha": [u.log_alpha.detach().clone() for u in self.gates.units],
+            "gate_optimizer": self.gate_optimizer.state_dict(),
+            "multiplier": self.multiplier,
+            "current": self.current,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.gates is None or not state:
+            return
+        with torch.no_grad():
+            for unit, value in zip(self.gates.units, state["log_alpha"], strict=True):
+                unit.log_alpha.copy_(value)
+        self.gate_optimizer.load_state_dict(state["gate_optimizer"])
+        self.multiplier, self.current = state["multiplier"], state["current"]
 
     def finalize(self) -> Result:
         """Meets the budget, folds the gates into the norms, removes hooks, slims."""
@@ -254,7 +282,7 @@ class Bar(Method):
         """Phase 1 with gates, the decision and slimming, then phases 2 and 3 slimmed."""
         cfg = self.config
         loader = train_loader(data, cfg.batch_size)
-        teacher = copy.deepcopy(self.model).eval() if cfg.distill else None
+        teacher = clone_model(self.model).eval() if cfg.distill else None
         distill = Distill(teacher, cfg.temperature, cfg.alpha) if teacher is not None else None
         self.prepare(data.sample_inputs(2))
         if cfg.epochs > 0:

@@ -16,11 +16,13 @@ import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
+from compressor import checkpoint, distributed
 from compressor.budget import Budget, parse_budget
 from compressor.errors import InputError, TargetNotReachedError
 from compressor.masks import apply_masks_, has_machinery, prunable_layers, strip_
@@ -125,6 +127,15 @@ class Method:
         """Applies the decision and strips all machinery."""
         raise NotImplementedError(f"{type(self).__name__} must implement finalize()")
 
+    def state_dict(self) -> dict:
+        """The method's own state outside the model's state_dict (optimisers, schedule
+        positions, parameters it keeps itself): what a checkpoint saves and the ranks of a
+        data-parallel run must agree on. Tensors, numbers and nested dicts/lists only."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what `state_dict()` returned (on the same prepared method)."""
+
     def run(self, data: Data | None) -> Result:
         """The method's own schedule (post-training methods: prepare then finalize)."""
         self.prepare()
@@ -209,7 +220,8 @@ def check_target(report: dict, budget: Budget) -> None:
         )
 
 
-def _copy(model: nn.Module) -> nn.Module:
+def clone_model(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` (a lifted .pt2 model too, without torch's pytree warning)."""
     with warnings.catch_warnings():
         # deep-copying a lifted .pt2 model trips torch's own pytree deprecation warning
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
@@ -224,6 +236,9 @@ def prune(
     *,
     seed: int = 0,
     copy_model: bool = True,
+    checkpoint_path: str | Path | None = None,
+    resume: str | Path | None = None,
+    check_ranks: bool = False,
     **config,
 ) -> Result:
     """Compresses `model` with `method` to `budget` and returns the Result.
@@ -234,11 +249,17 @@ def prune(
         budget: a Budget, or a string/float parsed as `--budget` (e.g. "4x", 0.9 sparsity).
         data: what the method trains or calibrates on (see `Data`), when it needs any.
         seed: seeds torch's RNG so a run is reproducible.
+        checkpoint_path: write a checkpoint there at every epoch boundary of training.
+        resume: a checkpoint of the same run to continue from (also the default
+            `checkpoint_path`); the result is bit-identical to an uninterrupted run.
+        check_ranks: in a data-parallel run, compare a digest of model and method state
+            across ranks after every epoch (always done once at the end).
         **config: fields of the method's config dataclass.
 
     Raises:
         InputError: bad method, budget, option or missing data.
         TargetNotReachedError: the budget was not met (the report says why).
+        CompressorError: the ranks of a data-parallel run diverged.
     """
     cls = get_method(method)
     if not isinstance(budget, Budget):
@@ -246,11 +267,34 @@ def prune(
     if cls.needs != "nothing" and data is None:
         raise InputError(f"method {method!r} needs data ({cls.needs}); pass --data SPEC")
     torch.manual_seed(seed)
-    instance = cls(_copy(model) if copy_model else model, budget, **config)
+    instance = cls(clone_model(model) if copy_model else model, budget, **config)
+    fingerprint = {
+        "method": method,
+        "config": _jsonable(dataclasses.asdict(instance.config)),
+        "budget": budget.to_dict(),
+        "seed": seed,
+        "model": checkpoint.model_digest(model),
+        "data": data.fingerprint() if data is not None else None,
+        "processes": distributed.world_size(),
+    }
     start = time.perf_counter()
-    result = instance.run(data)
+    with checkpoint.session(
+        path=checkpoint_path,
+        resume=resume,
+        fingerprint=fingerprint,
+        method=instance,
+        check_ranks=check_ranks,
+    ) as run:
+        result = instance.run(data)
+        digests = run.check("the final model", result.model) if distributed.active() else None
     result.report["seconds"] = time.perf_counter() - start
     result.report["seed"] = seed
+    if digests is not None:
+        result.report["distributed"] = {
+            "processes": distributed.world_size(),
+            "rank_digests": digests,  # of the final model and method state, all equal
+            "rank_checks": run.checks,
+        }
     leftovers = has_machinery(result.model)
     if leftovers:
         raise TargetNotReachedError(f"{method}: machinery left on {leftovers} after finalize()")

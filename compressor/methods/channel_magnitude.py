@@ -12,7 +12,6 @@ differ only in how they choose the channels.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -31,7 +30,14 @@ from compressor.methods.bar_slim import (
     slim_model,
     structured_report,
 )
-from compressor.methods.base import Method, MethodConfig, Result, _jsonable, register_method
+from compressor.methods.base import (
+    Method,
+    MethodConfig,
+    Result,
+    _jsonable,
+    clone_model,
+    register_method,
+)
 from compressor.methods.probmask import train_loader
 from compressor.surgery import mask_
 from compressor.train import Distill
@@ -154,7 +160,7 @@ class ChannelMagnitude(Method):
         """Prune once, re-estimate BatchNorm, then fine-tune as long as BAR trains."""
         cfg = self.config
         loader = train_loader(data, cfg.batch_size)
-        teacher = copy.deepcopy(self.model).eval() if cfg.distill else None
+        teacher = clone_model(self.model).eval() if cfg.distill else None
         distill = Distill(teacher, cfg.temperature, cfg.alpha) if teacher is not None else None
         self.prepare(data.sample_inputs(2))
         result = self.finalize()

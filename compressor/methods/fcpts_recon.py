@@ -10,7 +10,6 @@ are re-estimated on the calibration data at the end.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -19,9 +18,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from compressor import distributed
 from compressor.errors import InputError
 from compressor.masks import apply_masks_, strip_, weight_of
-from compressor.methods.base import Method, MethodConfig, Result, register_method
+from compressor.methods.base import Method, MethodConfig, Result, clone_model, register_method
 from compressor.methods.magnitude import erk_densities, exact_counts, masks_from_counts
 from compressor.train import cosine_lambda, kd_loss, progress, recalibrate_batchnorm_
 
@@ -45,7 +45,7 @@ class ReconstructionConfig(MethodConfig):
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy of `model` in eval mode with no parameter requiring gradients."""
-    teacher = copy.deepcopy(model).eval()
+    teacher = clone_model(model).eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
     return teacher
@@ -112,9 +112,12 @@ def reconstruct_(
     history = {"reconstruction": [], "penalty": [], "steps_per_epoch": len(loader)}
     history["samples"] = len(inputs)
     _norms_train_only(model)
+    # data-parallel: every rank draws the same batch and trains on its slice of it
+    net, rank, world = distributed.wrap(model), distributed.rank(), distributed.world_size()
     with progress(config.steps, description) as advance:
         for _, (x, target) in zip(range(config.steps), _batches(loader)):
-            rec = kd_loss(model(x), target, config.temperature)
+            x, target = x[rank::world], target[rank::world]
+            rec = kd_loss(net(x), target, config.temperature)
             extra = penalty() if penalty is not None else torch.zeros(())
             optimizer.zero_grad(set_to_none=True)
             (rec + extra).backward()

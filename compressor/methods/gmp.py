@@ -77,6 +77,13 @@ class GradualMagnitude(Method):
             {f: torch.ones_like(weight_of(m), dtype=torch.bool) for f, m in self.layers.items()},
         )
 
+    def state_dict(self) -> dict:
+        """The last schedule update applied (the masks are model buffers)."""
+        return {"update": self.update}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.update = state["update"]
+
     def update_index(self, progress: float) -> int:
         """Which of the n schedule updates is due at `progress` (-1 before the ramp)."""
         cfg = self.config

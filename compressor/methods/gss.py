@@ -187,6 +187,13 @@ class Gss(Method):
             costs = [i + o for i, o in self.halves(cfg.p)]
             self.selectors = [gss_reg.aux_update(c, cfg.p, cfg.q) for c in costs]
 
+    def state_dict(self) -> dict:
+        """The auxiliary variables a of the (p, q) form (masks are model buffers)."""
+        return {"selectors": [a.clone() for a in self.selectors]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.selectors = [a.clone() for a in state["selectors"]]
+
     def prune_masks(self) -> None:
         """Decides what goes and installs the fixed masks (weights, or whole channels)."""
         self.extra["penalty"] = float(self.regulariser().detach())

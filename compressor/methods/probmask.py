@@ -23,6 +23,7 @@ same loss, so the comparison isolates how weights are chosen).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,10 +34,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
+from compressor import distributed
 from compressor.errors import InputError
 from compressor.masks import apply_masks_, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
-from compressor.train import cosine_lambda, fit, progress, recalibrate_batchnorm_, sgd
+from compressor.train import cosine_lambda, fit, recalibrate_batchnorm_, sgd
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -246,6 +248,7 @@ class ProbMask(Method):
             raise InputError(f"mask_samples {self.config.mask_samples} must be at least 1")
         self.probs: dict[str, ProbMaskScores] = {}
         self.score_optimizer: torch.optim.Optimizer | None = None
+        self.tau = self.config.tau_start
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -284,6 +287,7 @@ class ProbMask(Method):
         self.set_temperature(temperature(progress, cfg.tau_start, cfg.tau_end))
 
     def set_temperature(self, tau: float) -> None:
+        self.tau = tau
         for prob in self.probs.values():
             prob.tau = tau
 
@@ -322,44 +326,75 @@ class ProbMask(Method):
     def train(self, loader: DataLoader) -> None:
         """Trains weights and scores jointly for `epochs` (K sampled masks per batch)."""
         cfg = self.config
-        total = cfg.epochs * len(loader)
-        if total == 0:
+        if cfg.epochs * len(loader) == 0:
             return
         optimizer = sgd(self.weight_parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(total))
-        self.model.train()
-        done = 0
-        with progress(total, "probmask") as advance:
-            for _ in range(cfg.epochs):
-                for x, y in loader:
-                    loss = self.train_step(x, y, optimizer)
-                    scheduler.step()
-                    done += 1
-                    self.step(done / total)
-                    advance(loss=loss)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_lambda(cfg.epochs * len(distributed.shard(loader)))
+        )
+
+        def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+            return self.train_step(x, y, optimizer, net)
+
+        fit(
+            self.model,
+            loader,
+            epochs=cfg.epochs,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            after_step=self.step,
+            train_step=train_step,
+            description="probmask",
+        )
 
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        net: nn.Module | None = None,
     ) -> float:
         """Backward over K sampled masks, joint gradient clipping, the weights' step.
 
-        The scores' step, the projection and the schedules follow in `step()`.
+        `net` is what runs the batch (the DDP wrapper in a process group; default the
+        model). The scores' step, the projection and the schedules follow in `step()`.
         """
-        loss = self.sampled_backward(x, y)
+        loss = self.sampled_backward(x, y, net or self.model)
         nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    def sampled_backward(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Backpropagates the loss averaged over K sampled masks; returns its value."""
+    def sampled_backward(self, x: torch.Tensor, y: torch.Tensor, net: nn.Module) -> float:
+        """Backpropagates the loss averaged over K sampled masks; returns its value.
+
+        Under DDP the gradients are averaged across ranks once, in the last backward.
+        """
         samples = self.config.mask_samples
         total = 0.0
-        for _ in range(samples):
-            loss = F.cross_entropy(self.model(x), y) / samples
-            loss.backward()
+        for k in range(samples):
+            last = k == samples - 1
+            sync = (
+                contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+            )
+            with sync:
+                loss = F.cross_entropy(net(x), y) / samples
+                loss.backward()
             total += loss.item()
         return total
+
+    def state_dict(self) -> dict:
+        """The scores' Adam and the temperature (the scores are model parameters)."""
+        optimizer = self.score_optimizer
+        return {
+            "score_optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "tau": self.tau,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.score_optimizer is not None and state["score_optimizer"] is not None:
+            self.score_optimizer.load_state_dict(state["score_optimizer"])
+        self.set_temperature(state["tau"])
 
     # --- the discrete mask -------------------------------------------------------------
 

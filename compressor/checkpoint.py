@@ -1,0 +1,262 @@
+"""Run checkpoints: a compression run that survives being killed, and the per-epoch rank check.
+
+A method's schedule is a sequence of training phases, each one `train.fit` call (BAR: gated
+training, then fine-tuning the slimmed network; ProbMask: scores, then fine-tuning). Inside a
+`session(...)`, `fit` numbers its calls and, at every epoch boundary, writes one file
+(atomically: temp + rename) holding
+
+  - the position: phase number and name, epochs done;
+  - the current phase's model, optimiser, LR schedule, the method's own state
+    (`Method.state_dict()`: BAR's log alpha and gate optimiser, ProbMask's score optimiser
+    and temperature, ...), and the torch and data-loader RNG states;
+  - a snapshot of model, method and RNG states at the end of every finished phase;
+  - the run's fingerprint (method, config, budget, seed, input model and data digests,
+    number of processes).
+
+`--resume` replays the method's code from the start with the same seed: a finished phase is
+not trained again but loads its end snapshot, so the code between phases (hard pruning,
+slimming, BatchNorm re-estimation) runs on exactly the state it saw the first time and
+rebuilds the same structure; the interrupted phase loads its state and continues at the
+epoch boundary. The result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor import distributed
+from compressor.errors import InputError
+
+FORMAT = "compressor.run-checkpoint"
+VERSION = 1
+
+
+def _rng(loader) -> dict:
+    generator = getattr(loader, "generator", None)
+    return {
+        "torch": torch.get_rng_state(),
+        "loader": generator.get_state() if generator is not None else None,
+    }
+
+
+def _set_rng(state: dict, loader) -> None:
+    torch.set_rng_state(state["torch"])
+    generator = getattr(loader, "generator", None)
+    if generator is not None and state["loader"] is not None:
+        generator.set_state(state["loader"])
+
+
+def _clone(state):
+    """A deep copy of a (nested) state dict, detached from the live tensors."""
+    return copy.deepcopy(state)
+
+
+@dataclass
+class Session:
+    """What `fit` needs to checkpoint, resume and check a run; see the module docstring."""
+
+    path: Path | None = None
+    fingerprint: dict = field(default_factory=dict)
+    method: object = None  # has state_dict() / load_state_dict()
+    check_ranks: bool = False
+    resume: dict | None = None
+    snapshots: list[dict] = field(default_factory=list)
+    phases: list[str] = field(default_factory=list)
+    checks: int = 0  # rank checks passed
+
+    def _method_state(self) -> dict:
+        return self.method.state_dict() if self.method is not None else {}
+
+    def _load_method(self, state: dict) -> None:
+        if self.method is not None:
+            self.method.load_state_dict(state)
+
+    def begin_phase(self, name: str) -> int:
+        """Numbers the next `fit` call; checks it against the run being resumed."""
+        index = len(self.phases)
+        self.phases.append(name)
+        if self.resume is not None and index < len(self.resume["phases"]):
+            expected = self.resume["phases"][index]
+            if expected != name:
+                raise InputError(
+                    f"checkpoint {str(self.path)!r} was written by a run whose phase "
+                    f"{index} is {expected!r}, but this run's is {name!r}; "
+                    "resume with the same command that wrote it"
+                )
+        return index
+
+    def finished(self, index: int) -> bool:
+        """True for a phase the resumed run had already finished (replayed, not trained)."""
+        return self.resume is not None and index < len(self.resume["snapshots"])
+
+    def restore_finished(self, index: int, model: nn.Module, loader) -> None:
+        snap = self.resume["snapshots"][index]
+        _load_model(model, snap["model"], self.path)
+        self._load_method(snap["method"])
+        _set_rng(snap["rng"], loader)
+        self.snapshots.append(snap)
+
+    def restore_current(self, index: int, model, optimizer, scheduler, loader) -> int:
+        """Loads the interrupted phase's state; returns the epoch to start at (else 0)."""
+        resume = self.resume
+        if resume is None or resume["phase"] != index:
+            return 0
+        current = resume["current"]
+        _load_model(model, current["model"], self.path)
+        try:
+            optimizer.load_state_dict(current["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise InputError(
+                f"checkpoint {str(self.path)!r} does not match this run's optimiser: {exc}"
+            ) from None
+        if scheduler is not None and current["scheduler"] is not None:
+            scheduler.load_state_dict(current["scheduler"])
+        self._load_method(current["method"])
+        _set_rng(current["rng"], loader)
+        return resume["epoch"]
+
+    def epoch_end(self, index, epoch, epochs, model, optimizer, scheduler, loader) -> None:
+        """Rank check (when asked), phase snapshot (last epoch), checkpoint (rank 0)."""
+        if self.check_ranks:
+            self.check(f"phase {self.phases[index]!r} epoch {epoch}", model)
+        if epoch == epochs:
+            self.snapshots.append(
+                {
+                    "model": _clone(model.state_dict()),
+                    "method": _clone(self._method_state()),
+                    "rng": _rng(loader),
+                }
+            )
+        if self.path is None or not distributed.is_main():
+            return
+        state = {
+            "format": FORMAT,
+            "version": VERSION,
+            "fingerprint": self.fingerprint,
+            "phases": list(self.phases),
+            "phase": index,
+            "epoch": epoch,
+            "current": {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "method": self._method_state(),
+                "rng": _rng(loader),
+            },
+            "snapshots": self.snapshots,
+        }
+        from compressor.io import atomic_write
+
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+    def check(self, what: str, model: nn.Module) -> list[str]:
+        """All-gathers a digest of model and method state; raises when ranks differ."""
+        digests = distributed.digest_check(what, [model.state_dict(), self._method_state()])
+        self.checks += 1
+        return digests
+
+
+def _load_model(model: nn.Module, state: dict, path) -> None:
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(f"checkpoint {str(path)!r} does not match this model: {first}") from None
+
+
+_CURRENT: Session | None = None
+
+
+def current() -> Session | None:
+    """The session `fit` reports to, if a run opened one."""
+    return _CURRENT
+
+
+@contextlib.contextmanager
+def session(
+    *,
+    path: str | Path | None = None,
+    resume: str | Path | None = None,
+    fingerprint: dict | None = None,
+    method=None,
+    check_ranks: bool = False,
+) -> Iterator[Session]:
+    """Opens a run session for the `fit` calls inside (nested sessions are refused)."""
+    global _CURRENT
+    if _CURRENT is not None:
+        raise RuntimeError("a compression run is already in progress in this process")
+    fingerprint = fingerprint or {}
+    state = load(resume, fingerprint) if resume is not None else None
+    target = Path(path) if path is not None else (Path(resume) if resume is not None else None)
+    _CURRENT = Session(
+        path=target,
+        fingerprint=fingerprint,
+        method=method,
+        check_ranks=check_ranks,
+        resume=state,
+    )
+    try:
+        yield _CURRENT
+    finally:
+        _CURRENT = None
+
+
+def load(path: str | Path, fingerprint: dict) -> dict:
+    """Reads and validates a run checkpoint against this run's fingerprint.
+
+    Raises:
+        InputError: missing, damaged, not a run checkpoint, another version, or written by a
+            different run (the differing fields are named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file raises many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"checkpoint {str(path)!r} is damaged: {first}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise InputError(
+            f"{str(path)!r} is not a compression-run checkpoint (write one with "
+            "`compress prune ... --checkpoint PATH`)"
+        )
+    if state.get("version") != VERSION:
+        raise InputError(
+            f"checkpoint {str(path)!r} has version {state.get('version')}, this compressor "
+            f"reads version {VERSION}"
+        )
+    theirs = state.get("fingerprint", {})
+    differ = [
+        key
+        for key in sorted(set(theirs) | set(fingerprint))
+        if theirs.get(key) != fingerprint.get(key)
+    ]
+    if differ:
+        details = "; ".join(
+            f"{key}: checkpoint {_short(theirs.get(key))}, this run {_short(fingerprint.get(key))}"
+            for key in differ
+        )
+        raise InputError(
+            f"checkpoint {str(path)!r} was written by a different run ({details}); "
+            "resume with the same model, method, budget, options, data, seed and --nproc"
+        )
+    return state
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state (names, shapes and exact values)."""
+    state = model.state_dict()
+    return distributed.digest([*state.keys(), *state.values()])
