@@ -191,3 +191,12 @@ def load_model_copy(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_checkpoint_of_a_method_without_epochs_warns(lenet5_digits, tmp_path):
+    from compressor.errors import CompressorWarning
+
+    path = tmp_path / "none.ckpt"
+    with pytest.warns(CompressorWarning, match="'magnitude-global' does not train in epochs"):
+        prune(lenet5_digits, "magnitude-global", 0.5, checkpoint_path=path)
+    assert not path.exists()

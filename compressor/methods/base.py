@@ -24,7 +24,7 @@ from torch import nn
 
 from compressor import checkpoint, distributed
 from compressor.budget import Budget, parse_budget
-from compressor.errors import InputError, TargetNotReachedError
+from compressor.errors import CompressorWarning, InputError, TargetNotReachedError
 from compressor.masks import apply_masks_, has_machinery, prunable_layers, strip_
 from compressor.stats import sparsity_of
 
@@ -287,6 +287,12 @@ def prune(
     ) as run:
         result = instance.run(data)
         digests = run.check("the final model", result.model) if distributed.active() else None
+    if (checkpoint_path is not None or resume is not None) and not run.phases:
+        warnings.warn(
+            f"method {method!r} does not train in epochs, so nothing was checkpointed",
+            CompressorWarning,
+            stacklevel=2,
+        )
     result.report["seconds"] = time.perf_counter() - start
     result.report["seed"] = seed
     if digests is not None:
