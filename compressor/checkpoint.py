@@ -38,19 +38,53 @@ FORMAT = "compressor.run-checkpoint"
 VERSION = 1
 
 
-def _rng(loader) -> dict:
+def rng_state(loader) -> dict:
+    """torch's and the loader's RNG states, as a checkpoint stores them."""
     generator = getattr(loader, "generator", None)
     return {
-        "torch": torch.get_rng_state(),
-        "loader": generator.get_state() if generator is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "loader_rng": generator.get_state() if generator is not None else None,
     }
 
 
-def _set_rng(state: dict, loader) -> None:
-    torch.set_rng_state(state["torch"])
+def restore_rng(state: dict, loader) -> None:
+    """Puts back what `rng_state` saved (the loader's part when it has a generator)."""
+    torch.set_rng_state(state["torch_rng"])
     generator = getattr(loader, "generator", None)
-    if generator is not None and state["loader"] is not None:
-        generator.set_state(state["loader"])
+    if generator is not None and state["loader_rng"] is not None:
+        generator.set_state(state["loader_rng"])
+
+
+def read(path: str | Path) -> object:
+    """`torch.load` (tensors and plain containers only) of a checkpoint file.
+
+    Raises:
+        InputError: the file cannot be read as one (damaged, truncated, not torch's).
+    """
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file raises many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"checkpoint {str(path)!r} is damaged: {first}") from None
+
+
+def restore_training(path, state: dict, model, optimizer=None, scheduler=None) -> None:
+    """Loads `state`'s model, optimiser and schedule (each when given) into the live objects.
+
+    Raises:
+        InputError: the checkpoint was made for another model or optimiser.
+    """
+    try:
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(
+            f"checkpoint {str(path)!r} does not match this model/run: {first}"
+        ) from None
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
 
 
 def _clone(state):
@@ -98,9 +132,9 @@ class Session:
 
     def restore_finished(self, index: int, model: nn.Module, loader) -> None:
         snap = self.resume["snapshots"][index]
-        _load_model(model, snap["model"], self.path)
+        restore_training(self.path, snap, model)
         self._load_method(snap["method"])
-        _set_rng(snap["rng"], loader)
+        restore_rng(snap, loader)
         self.snapshots.append(snap)
 
     def restore_current(self, index: int, model, optimizer, scheduler, loader) -> int:
@@ -109,17 +143,9 @@ class Session:
         if resume is None or resume["phase"] != index:
             return 0
         current = resume["current"]
-        _load_model(model, current["model"], self.path)
-        try:
-            optimizer.load_state_dict(current["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise InputError(
-                f"checkpoint {str(self.path)!r} does not match this run's optimiser: {exc}"
-            ) from None
-        if scheduler is not None and current["scheduler"] is not None:
-            scheduler.load_state_dict(current["scheduler"])
+        restore_training(self.path, current, model, optimizer, scheduler)
         self._load_method(current["method"])
-        _set_rng(current["rng"], loader)
+        restore_rng(current, loader)
         return resume["epoch"]
 
     def epoch_end(self, index, epoch, epochs, model, optimizer, scheduler, loader) -> None:
@@ -131,7 +157,7 @@ class Session:
                 {
                     "model": _clone(model.state_dict()),
                     "method": _clone(self._method_state()),
-                    "rng": _rng(loader),
+                    **rng_state(loader),
                 }
             )
         if self.path is None or not distributed.is_main():
@@ -148,7 +174,7 @@ class Session:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "method": self._method_state(),
-                "rng": _rng(loader),
+                **rng_state(loader),
             },
             "snapshots": self.snapshots,
         }
@@ -161,14 +187,6 @@ class Session:
         digests = distributed.digest_check(what, [model.state_dict(), self._method_state()])
         self.checks += 1
         return digests
-
-
-def _load_model(model: nn.Module, state: dict, path) -> None:
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise InputError(f"checkpoint {str(path)!r} does not match this model: {first}") from None
 
 
 _CURRENT: Session | None = None
@@ -218,11 +236,7 @@ def load(path: str | Path, fingerprint: dict) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged file raises many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"checkpoint {str(path)!r} is damaged: {first}") from None
+    state = read(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise InputError(
             f"{str(path)!r} is not a compression-run checkpoint (write one with "

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from compressor import checkpoint as run_checkpoint
 from compressor import distributed
-from compressor.checkpoint import current as current_run
 from compressor.errors import InputError
 
 _QUIET = False
@@ -141,7 +141,7 @@ def fit(
     """
     if len(loader) == 0:
         raise InputError("the training data is empty")
-    run = current_run()
+    run = run_checkpoint.current()
     phase = run.begin_phase(description) if run is not None else None
     if run is not None and run.finished(phase):
         run.restore_finished(phase, model, loader)
@@ -266,7 +266,6 @@ def save_checkpoint(path, *, model, optimizer, scheduler=None, loader=None, epoc
     """Writes model, optimiser, schedule position and RNG states atomically."""
     from compressor.io import atomic_write
 
-    generator = getattr(loader, "generator", None)
     state = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -274,8 +273,7 @@ def save_checkpoint(path, *, model, optimizer, scheduler=None, loader=None, epoc
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "torch_rng": torch.get_rng_state(),
-        "loader_rng": generator.get_state() if generator is not None else None,
+        **run_checkpoint.rng_state(loader),
         "extra": extra or {},
     }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -287,30 +285,15 @@ def load_checkpoint(path, *, model, optimizer, scheduler=None, loader=None) -> d
     Raises:
         InputError: not a checkpoint, another version, or made for a different model.
     """
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged file raises many types
-        raise InputError(f"checkpoint {str(path)!r} is damaged: {exc}") from None
+    state = run_checkpoint.read(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{str(path)!r} is not a compressor checkpoint")
     if state["version"] != CHECKPOINT_VERSION:
         raise InputError(
             f"checkpoint {str(path)!r} has version {state['version']}, expected {CHECKPOINT_VERSION}"
         )
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise InputError(
-            f"checkpoint {str(path)!r} does not match this model/run: {first}"
-        ) from None
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    generator = getattr(loader, "generator", None)
-    if generator is not None and state["loader_rng"] is not None:
-        generator.set_state(state["loader_rng"])
+    run_checkpoint.restore_training(path, state, model, optimizer, scheduler)
+    run_checkpoint.restore_rng(state, loader)
     return state
 
 
