@@ -88,6 +88,10 @@ def shutdown() -> None:
 def shard(loader: DataLoader) -> DataLoader:
     """The calling rank's part of `loader`: the same global batch, split evenly over ranks.
 
+    It has exactly `len(loader)` batches: DistributedSampler pads every rank to
+    ceil(N / world) samples, and ceil(ceil(N / world) / (B / world)) = ceil(N / B) when the
+    world divides B, so step counts and schedules computed from `loader` stay right.
+
     Raises:
         InputError: the batch size does not divide by the number of processes.
     """

@@ -34,7 +34,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
-from compressor import distributed
 from compressor.errors import InputError
 from compressor.masks import apply_masks_, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
@@ -326,12 +325,11 @@ class ProbMask(Method):
     def train(self, loader: DataLoader) -> None:
         """Trains weights and scores jointly for `epochs` (K sampled masks per batch)."""
         cfg = self.config
-        if cfg.epochs * len(loader) == 0:
+        total = cfg.epochs * len(loader)  # a rank's shard has as many batches (distributed.shard)
+        if total == 0:
             return
         optimizer = sgd(self.weight_parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, cosine_lambda(cfg.epochs * len(distributed.shard(loader)))
-        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(total))
 
         def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
             return self.train_step(x, y, optimizer, net)
