@@ -213,16 +213,7 @@ def long_section(rows: list[dict], elapsed: float) -> str:
         "lambdas and exact cuts.\n",
     ]
     for variant in ("element", "structure"):
-        target = setup[variant]
-        paper = {
-            "regulariser": "**supplement GSS**",
-            "top1": target["top1"],
-            "weights": target.get("weights", ""),
-            "flops": target.get("flops", ""),
-            "structure": target.get("shape", ""),
-        }
-        mine = [r for r in rows if r["variant"] == variant]
-        parts.append(f"{variant}:\n\n" + markdown_table([paper, *mine], COLUMNS + ["seconds"]))
+        parts.append(variant_table(setup, variant, [r for r in rows if r["variant"] == variant]))
     return "\n\n".join(parts)
 
 
@@ -239,22 +230,27 @@ def run_all(job_list: list[dict]) -> list[dict]:
 COLUMNS = ["regulariser", "lambda", "top1", "weights", "flops", "structure", "threshold_keep"]
 
 
+def variant_table(setup: dict, variant: str, rows: list[dict]) -> str:
+    """One variant's rows under the supplement's row for it."""
+    target = setup[variant]
+    paper = {
+        "regulariser": "**supplement GSS**",
+        "top1": target["top1"],
+        "weights": target.get("weights", ""),
+        "flops": target.get("flops", ""),
+        "structure": target.get("shape", ""),
+    }
+    return f"{variant}:\n\n" + markdown_table([paper, *rows], COLUMNS + ["seconds"])
+
+
 def tables(rows: list[dict], dense: dict) -> str:
     parts = []
     for arch, setup in SETUPS.items():
         spec = setup["spec"] + (" (a 5k subset of MNIST)" if setup["spec"] == "mnist5k" else "")
         parts.append(f"### {arch} on {spec}\n\n{dense[arch]}\n")
         for variant in ("element", "structure"):
-            target = setup[variant]
-            paper = {
-                "regulariser": "**supplement GSS**",
-                "top1": target["top1"],
-                "weights": target.get("weights", ""),
-                "flops": target.get("flops", ""),
-                "structure": target.get("shape", ""),
-            }
             mine = [r for r in rows if r["arch"] == arch and r["variant"] == variant]
-            parts.append(f"{variant}:\n\n" + markdown_table([paper, *mine], COLUMNS + ["seconds"]))
+            parts.append(variant_table(setup, variant, mine))
     return "\n\n".join(parts)
 
 
