@@ -268,15 +268,17 @@ def prune(
         raise InputError(f"method {method!r} needs data ({cls.needs}); pass --data SPEC")
     torch.manual_seed(seed)
     instance = cls(clone_model(model) if copy_model else model, budget, **config)
-    fingerprint = {
-        "method": method,
-        "config": _jsonable(dataclasses.asdict(instance.config)),
-        "budget": budget.to_dict(),
-        "seed": seed,
-        "model": checkpoint.model_digest(model),
-        "data": data.fingerprint() if data is not None else None,
-        "processes": distributed.world_size(),
-    }
+    fingerprint = None
+    if checkpoint_path is not None or resume is not None:  # hashing the model costs a pass
+        fingerprint = {
+            "method": method,
+            "config": _jsonable(dataclasses.asdict(instance.config)),
+            "budget": budget.to_dict(),
+            "seed": seed,
+            "model": checkpoint.model_digest(model),
+            "data": data.fingerprint() if data is not None else None,
+            "processes": distributed.world_size(),
+        }
     start = time.perf_counter()
     with checkpoint.session(
         path=checkpoint_path,
