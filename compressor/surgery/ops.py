@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from compressor.surgery import shape_ops as shp
 from compressor.surgery.graph import Use
+from compressor.surgery.select import SelectedLinear
 from compressor.surgery.walker import Rule, Walker, ar, arg, first_tensor, op_name
 
 
@@ -70,6 +71,13 @@ def grouped_conv(walker: Walker, node: fx.Node, module: nn.Module) -> None:
 
 def linear(walker: Walker, node: fx.Node) -> None:
     walker.layer_in(node, "consumer", 1, node.args[0], -1)
+    walker.layer_out(node, "producer", 0, walker.values[node].dim() - 1)
+
+
+def selected_linear(walker: Walker, node: fx.Node) -> None:
+    """A Linear gathering some input features first: what it reads can never be removed."""
+    ids = walker.layer_in(node, "", 1, node.args[0], -1)
+    walker.uf.pin(ids, f"read through an input selection: {walker.label(node)}")
     walker.layer_out(node, "producer", 0, walker.values[node].dim() - 1)
 
 
@@ -287,6 +295,7 @@ def _module_pad(walker: Walker, node: fx.Node) -> None:
 MODULE_RULES: list[tuple[tuple[type, ...] | type, Rule]] = [
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d), conv),
     ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), conv_transpose),
+    (SelectedLinear, selected_linear),  # before nn.Linear: it is one
     (nn.Linear, linear),
     (_NORMS, batch_norm),
     (nn.LayerNorm, layer_norm),

@@ -22,7 +22,7 @@ from torch import fx, nn
 from compressor.errors import CompressorError
 from compressor.surgery.mixed import ResidualJoin
 from compressor.surgery.plan import Plan, constants
-from compressor.surgery.trace import Traced, scope_of
+from compressor.surgery.trace import Traced, scope_of, symbolic_trace
 from compressor.surgery.walker import op_name
 
 Action = Callable[[fx.GraphModule, fx.Node], None]
@@ -227,7 +227,7 @@ def _submodule_targets(traced: Traced, model: nn.Module, actions) -> dict | None
     targets = {}
     for scope in outermost:
         try:
-            sub = fx.symbolic_trace(model.get_submodule(scope))
+            sub = symbolic_trace(model.get_submodule(scope))
         except Exception:  # traced as part of the model, but not alone: use the root graph
             return None
         mapping = _map_nodes(traced.gm.graph, scope, sub)

@@ -88,7 +88,7 @@ def slim_(
     _apply(plan, folds, model, report)
     result, rewritten = apply_rewrites(analysis.traced, model, actions)
     report.update(joins=_count_joins(result), patched=len(actions), rewritten=rewritten)
-    _postcheck(result, inputs, reference)
+    check_same(result, inputs, reference)
     return SlimResult(result, report)
 
 
@@ -243,8 +243,8 @@ def _count_joins(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def _postcheck(model: nn.Module, inputs: tuple, reference: list[torch.Tensor]) -> None:
-    """The slimmed model runs and matches the masked model on the example inputs."""
+def check_same(model: nn.Module, inputs: tuple, reference: list[torch.Tensor]) -> None:
+    """The slimmed model runs and matches the masked model's outputs on the example inputs."""
     with eval_mode(model):
         got = torch.utils._pytree.tree_leaves(model(*inputs))
     got = [t for t in got if isinstance(t, torch.Tensor)]

@@ -63,11 +63,27 @@ def trace(model: nn.Module, example_inputs: tuple) -> Traced:
         gm, source, note = model, "graph", ""
     else:
         try:
-            gm, source, note = fx.symbolic_trace(model), "fx", ""
+            gm, source, note = symbolic_trace(model), "fx", ""
         except Exception as exc:  # fx raises TraceError, TypeError, AttributeError, ...
             note = _first_line(exc)
             gm, source = _export(model, inputs, note), "export"
     return Traced(gm, run_graph(gm, inputs), source, note)
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with the toolkit's own layers (SelectedLinear) kept as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        from compressor.surgery.select import SelectedLinear
+
+        return isinstance(m, SelectedLinear) or super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    """`fx.symbolic_trace` with `_Tracer`."""
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def _export(model: nn.Module, inputs: tuple, fx_reason: str) -> fx.GraphModule:
