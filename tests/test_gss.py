@@ -20,6 +20,7 @@ from compressor.methods import gss_prune, prune
 from compressor.methods import gss_reg as R
 from compressor.methods.gss import Gss
 from compressor.stats import measure
+from compressor.surgery.select import SelectedLinear
 
 
 def _tiny_mlp() -> nn.Module:
@@ -58,21 +59,41 @@ HAND = {
 }
 
 
+# The input layer's neurons (inputs=True, the default): features 0 and 1 have no incoming
+# weights and outgoing (1, 0) and (-2, 3), the first layer's columns (authors' structure.py).
+INPUT_LAYER = {
+    ("gss", "212", "element"): 1 + 25,
+    # a layer of its own inside the sum over layers: (sqrt(1) + sqrt(13))^2
+    ("gss", "212", "structure"): (1 + math.sqrt(13)) ** 2,
+    ("gss", "121", "element"): 1 + 5,
+    ("gss", "121", "structure"): 1 + 5,
+    ("group-lasso", "212", "structure"): 1 + math.sqrt(13),
+}
+
+
+@pytest.mark.parametrize("inputs", [False, True])
 @pytest.mark.parametrize(("regulariser", "norms", "variant"), list(HAND))
-def test_deep_regularisers_hand_values(regulariser, norms, variant):
+def test_deep_regularisers_hand_values(regulariser, norms, variant, inputs):
     budget = Budget("flops", 0.5) if variant == "structure" else Budget("weights", 0.5)
-    method = _gss(_tiny_mlp(), budget, regulariser=regulariser, norms=norms, variant=variant)
+    method = _gss(
+        _tiny_mlp(), budget, regulariser=regulariser, norms=norms, variant=variant, inputs=inputs
+    )
     value = float(method.regulariser().detach())
-    assert value == pytest.approx(HAND[(regulariser, norms, variant)], rel=1e-6)
+    key = (regulariser, norms, variant)
+    expected = HAND[key] + (INPUT_LAYER.get(key, 0.0) if inputs else 0.0)
+    assert value == pytest.approx(expected, rel=1e-6)
     assert float(method.penalty().detach()) == pytest.approx(1e-5 * value, rel=1e-6)
 
 
 def test_aux_form_hand_value_and_p2q2_is_squared_212():
-    # p = 1, q = 2: c = (3 + 4, 3 + 1); at the optimal a, R = (7^(2/3) + 4^(2/3))^(3/2)
+    # p = 1, q = 2: c = (3 + 4, 3 + 1); at the optimal a, R = (7^(2/3) + 4^(2/3))^(3/2);
+    # the input layer, a group of its own: c = (1, 5)
     method = _gss(_tiny_mlp(), p=1.0, q=2.0)
-    assert float(method.regulariser()) == pytest.approx((7 ** (2 / 3) + 4 ** (2 / 3)) ** 1.5)
+    hidden, inputs = (7 ** (2 / 3) + 4 ** (2 / 3)) ** 1.5, (1 + 5 ** (2 / 3)) ** 1.5
+    assert float(method.regulariser().detach()) == pytest.approx(hidden + inputs)
     square = _gss(_tiny_mlp(), Budget("flops", 0.5), p=2.0, q=2.0)
-    assert float(square.regulariser()) == pytest.approx(HAND[("gss", "212", "structure")])
+    key = ("gss", "212", "structure")
+    assert float(square.regulariser().detach()) == pytest.approx(HAND[key] + INPUT_LAYER[key])
 
 
 def test_general_norms_hand_values():
@@ -103,9 +124,12 @@ def test_table1_special_cases_equal_the_classic_regularisers():
 
 
 def _explicit_neurons(model: nn.Sequential):
-    """Per hidden layer l, per neuron j: (W^(l)[j], W^(l+1)[:, j]), built by hand."""
+    """Per layer l, per neuron j: (W^(l)[j], W^(l+1)[:, j]), built by hand; the input
+    layer first, whose neurons have no incoming weights."""
     linears = [m for m in model if isinstance(m, nn.Linear)]
-    return [
+    first = linears[0].weight
+    inputs = [(first.new_zeros(0), first[:, j]) for j in range(first.shape[1])]
+    return [inputs] + [
         [(a.weight[j], b.weight[:, j]) for j in range(a.out_features)]
         for a, b in zip(linears, linears[1:])
     ]
@@ -244,7 +268,23 @@ def test_structure_hits_the_flop_budget_through_prune(small_digits):
     assert result.report["variant"] == "structure"
     assert abs(result.report["achieved"]["keep"] - 0.25) <= 0.005
     widths = [int(w) for w in result.report["structure"].split("-")]
-    assert widths[0] == 64 and widths[-1] == 10 and widths[1] < 300 and widths[2] < 100
+    assert widths[0] < 64 and widths[-1] == 10 and widths[1] < 300 and widths[2] < 100
+    first = result.model.get_submodule("1")  # reads only the input pixels it kept
+    assert isinstance(first, SelectedLinear) and len(first.index) == widths[0]
+    assert (
+        measure(result.model, small_digits.sample_inputs(2)).flops
+        == result.report["achieved"]["flops"]
+    )
+
+
+def test_structure_keeps_every_input_feature_with_inputs_off(small_digits):
+    torch.manual_seed(0)
+    model = zoo.build("lenet300", in_channels=1, num_classes=10, input_size=8)
+    budget = Budget("flops", 0.25)
+    result = prune(model, "gss", budget, small_digits, epochs=1, finetune_epochs=1, inputs=False)
+    assert abs(result.report["achieved"]["keep"] - 0.25) <= 0.005
+    assert result.report["structure"].startswith("64-")
+    assert type(result.model.get_submodule("1")) is nn.Linear
 
 
 def test_bad_configurations_name_the_fix():

@@ -45,6 +45,7 @@ from compressor.methods.base import (
 from compressor.methods.probmask import train_loader
 from compressor.stats import measure
 from compressor.surgery import channel_groups, slim_
+from compressor.surgery.select import input_feature_layers, select_inputs_, with_input_features
 from compressor.train import fit
 
 if TYPE_CHECKING:
@@ -90,6 +91,10 @@ class GssConfig(MethodConfig):
     finetune_lr: float = 1e-3  # official prun_tune_V.py: Adam 1e-3, x0.1 halfway (epoch 25/50)
     finetune_weight_decay: float = 1e-4  # official prun_tune_V.py
     optimiser: str = "adam"  # official: Adam, no weight decay while regularising; or "sgd"
+    # The input layer's neurons are groups too (outgoing weights only): the authors' code
+    # regularises the first layer's columns, and their LeNet-300-100 keeps 760 of 784 pixels.
+    # A Linear reading the model input then drops unread features (surgery.select_inputs_).
+    inputs: bool = True
     momentum: float = 0.9  # only for optimiser="sgd"
     batch_size: int = 100  # official --batch-size 100
 
@@ -131,6 +136,8 @@ class Gss(Method):
         structured = self.variant == "structure"
         try:
             self.groups = channel_groups(self.model, self.example)
+            if self.config.inputs:
+                self.groups = with_input_features(self.model, self.groups)
         except CompressorError as exc:
             if structured:
                 raise
@@ -143,7 +150,9 @@ class Gss(Method):
             self.groups = None
         if self.groups is not None:
             excluded = set(prunable_layers(self.model)) - set(self.layers)
-            self.neurons = gss_reg.neuron_groups(self.groups, excluded, structured)
+            self.neurons = gss_reg.neuron_groups(
+                self.groups, excluded, structured, self.config.inputs
+            )
         if self.aux:
             self.step(0.0)
 
@@ -269,8 +278,12 @@ class Gss(Method):
 
     def _slim(self) -> None:
         keep = {gid: mask for gid, mask in self.keep.items() if not bool(mask.all())}
-        result = slim_(self.model, keep, self.example)
-        self.model = result.model
+        inputs = input_feature_layers(self.groups)
+        channels = {gid: mask for gid, mask in keep.items() if gid not in inputs}
+        self.model = slim_(self.model, channels, self.example).model
+        features = {inputs[gid]: mask for gid, mask in keep.items() if gid in inputs}
+        if features:
+            select_inputs_(self.model, features, self.example)
         self.layers = prunable_layers(self.model, self.config.exclude)
         stats = measure(self.model, self.example)
         dense = self.extra["dense_flops"]

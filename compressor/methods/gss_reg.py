@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from compressor.surgery import ChannelGroup, group_reduce
+from compressor.surgery.select import INPUT_REASON
 
 Subgroup = torch.Tensor | Sequence[torch.Tensor]
 
@@ -97,28 +98,38 @@ class NeuronGroup:
 
 
 def neuron_groups(
-    groups: Sequence[ChannelGroup], exclude: set[str], structured: bool
+    groups: Sequence[ChannelGroup], exclude: set[str], structured: bool, inputs: bool = True
 ) -> list[NeuronGroup]:
     """The Deep GSS groups of a model: channel groups with incoming and outgoing weights.
 
-    Members on excluded layers are dropped. In the structured case only channels that can
-    be removed take part (a fixed channel or a group touching an excluded layer stays as it
-    is, so shrinking it would only cost accuracy); the element-wise case keeps all of them.
+    With `inputs`, the input layer's neurons are groups too, with outgoing weights only, as
+    in the authors' code, which pairs the first layer's columns with nothing (structure.py:
+    `weights_in` starts as a zero tensor). The output layer's neurons have no outgoing
+    weights and are not groups. Members on excluded layers are dropped. In
+    the structured case only channels that can be removed take part (a fixed channel or a
+    group touching an excluded layer stays as it is, so shrinking it would only cost
+    accuracy); the element-wise case keeps all of them.
     """
     found = []
     for group in groups:
         members = tuple(m for m in group.members if m.fqn not in exclude)
         touched = any(m.fqn in exclude for m in group.of_kind(*PRODUCING, "consumer"))
         kept = dataclasses.replace(group, members=members)
-        if not kept.of_kind(*PRODUCING) or not kept.of_kind("consumer"):
+        if not kept.of_kind("consumer"):
+            continue
+        if not kept.of_kind(*PRODUCING) and not (inputs and _reads_model_input(group)):
             continue
         channels = torch.ones(group.size, dtype=torch.bool)
         if structured:
-            if touched or not group.prunable:
+            if touched or bool(group.fixed.all()):
                 continue
             channels = ~group.fixed
         found.append(NeuronGroup(kept, channels))
     return found
+
+
+def _reads_model_input(group: ChannelGroup) -> bool:
+    return any(reason.startswith(INPUT_REASON) for reason in group.reasons)
 
 
 def halves(
