@@ -59,20 +59,29 @@ def write_json(name: str, payload: object) -> Path:
 
 
 def dense_baseline(
-    arch: str, spec: str, *, epochs: int, limit: int | None = None, seed: int = 0, **kwargs
+    arch: str,
+    spec: str,
+    *,
+    epochs: int,
+    limit: int | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    **kwargs,
 ):
     """A dense zoo model trained on `spec`, cached in bench/out so benchmarks share it.
 
     Returns (model, data). The cache key holds every training setting, so a changed
-    setting retrains instead of reusing a stale model.
+    setting retrains instead of reusing a stale model. `val_fraction` 0 trains on the whole
+    training set (a paper's protocol); `kwargs` go to the zoo builder.
     """
     from compressor import zoo
     from compressor.data import load_data
     from compressor.io import load_model, save_model
     from compressor.train import train_dense
 
-    data = load_data(spec, seed=seed, limit=limit)
+    data = load_data(spec, seed=seed, limit=limit, val_fraction=val_fraction)
     extra = "-".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
+    extra += "" if val_fraction == 0.1 else f"-v{val_fraction:g}"
     key = (
         f"dense-{arch}-{spec.replace(':', '_').replace('/', '_')}-e{epochs}-n{limit}-s{seed}{extra}"
     )
