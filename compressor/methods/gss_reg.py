@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from compressor.surgery import ChannelGroup, group_reduce
-from compressor.surgery.select import INPUT_REASON
+from compressor.surgery.graph import INPUT_REASON
 
 Subgroup = torch.Tensor | Sequence[torch.Tensor]
 
@@ -105,10 +105,10 @@ def neuron_groups(
     With `inputs`, the input layer's neurons are groups too, with outgoing weights only, as
     in the authors' code, which pairs the first layer's columns with nothing (structure.py:
     `weights_in` starts as a zero tensor). The output layer's neurons have no outgoing
-    weights and are not groups. Members on excluded layers are dropped. In
-    the structured case only channels that can be removed take part (a fixed channel or a
-    group touching an excluded layer stays as it is, so shrinking it would only cost
-    accuracy); the element-wise case keeps all of them.
+    weights and are not groups. Members on excluded layers are dropped. In the structured
+    case only channels that can be removed take part (a fixed channel or a group touching
+    an excluded layer stays as it is, so shrinking it would only cost accuracy); the
+    element-wise case keeps all of them.
     """
     found = []
     for group in groups:

@@ -30,6 +30,7 @@ from compressor.surgery.trace import Traced, trace
 Key = tuple  # (fx.Node, int | None): a node's value, or one item of a node's tuple output
 
 PRODUCING = ("producer", "grouped")
+INPUT_REASON = "model input"  # why a model input's channels are fixed
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ from torch import nn
 
 from compressor.errors import CompressorError, InputError
 from compressor.masks import has_machinery
-from compressor.surgery.graph import ChannelGroup, Member
+from compressor.surgery.graph import INPUT_REASON, ChannelGroup, Member
 from compressor.surgery.slim import check_same
 from compressor.surgery.trace import as_tuple, eval_mode
 
-INPUT_REASON = "model input"
+FEATURES_REASON = f"{INPUT_REASON} features of "  # + the Linear's path
 
 
 class SelectedLinear(nn.Linear):
@@ -73,7 +73,7 @@ def with_input_features(model: nn.Module, groups: list[ChannelGroup]) -> list[Ch
                     size,
                     (Member(member.fqn, "consumer", 1, index),),
                     torch.zeros(size, dtype=torch.bool),
-                    (f"{INPUT_REASON} features of {member.fqn}",),
+                    (f"{FEATURES_REASON}{member.fqn}",),
                 )
             )
     return kept + features
@@ -84,7 +84,7 @@ def input_feature_layers(groups: list[ChannelGroup]) -> dict[int, str]:
     return {
         g.id: g.members[0].fqn
         for g in groups
-        if any(r.startswith(f"{INPUT_REASON} features of ") for r in g.reasons)
+        if any(r.startswith(FEATURES_REASON) for r in g.reasons)
     }
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 
 from compressor.surgery.graph import (
+    INPUT_REASON,
     Analysis,
     Flow,
     Key,
@@ -68,7 +69,7 @@ class Walker:
         if node.op == "placeholder":
             value = self.values.get(node)
             if isinstance(value, torch.Tensor) and value.dim() >= 2:
-                ids = self.uf.new(value.shape[1], reason="model input")
+                ids = self.uf.new(value.shape[1], reason=INPUT_REASON)
                 self.tracks[(node, None)] = Track(1, ids)
                 self.flows[(node, None)] = Flow()
         elif node.op == "output":
