@@ -438,7 +438,18 @@ cli.add_command(export)
 
 
 def main() -> None:
-    cli(prog_name="compress")
+    from compressor import distributed
+
+    if not distributed.launched():
+        cli(prog_name="compress")
+        return
+    try:
+        cli(prog_name="compress")
+    except SystemExit as exc:  # click ends every run with one
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    else:
+        code = 0
+    distributed.exit_worker(code)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,14 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.wrap(model) is model
     digest = distributed.digest_check("x", {"a": torch.ones(2)})
     assert digest == [distributed.digest([torch.ones(2)])]
+
+
+def test_worker_exit_keeps_output_and_code(tmp_path):
+    """exit_worker skips interpreter teardown (the gloo abort) but loses no output or code."""
+    script = (
+        "import sys; from compressor import distributed\n"
+        "print('to stdout', end=''); print('to stderr', end='', file=sys.stderr)\n"
+        "distributed.exit_worker(3)\n"
+    )
+    run = _run([sys.executable, "-c", script])
+    assert (run.returncode, run.stdout, run.stderr) == (3, "to stdout", "to stderr")
