@@ -10,7 +10,8 @@ every consumer can unpack a batch the same way; ``Data.has_labels`` says which.
 Built-in datasets (``digits``, ``mnist5k``, ``fashion-mnist``) are scaled to [0, 1]
 and then standardised with the scalar mean / std of their *train split* (computed
 before ``limit`` so that subsets share the same preprocessing); the statistics are
-kept in ``Data.normalization`` for deployment. User files (``.npz`` / ``.pt``) and
+kept in ``Data.normalization`` for deployment; ``standardize=False`` leaves them in
+[0, 1] (as the GSS authors feed Fashion-MNIST). User files (``.npz`` / ``.pt``) and
 ``module:function`` loaders are taken as already preprocessed and are not
 normalised (uint8 inputs are only scaled by 1/255).
 
@@ -118,6 +119,7 @@ def load_data(
     seed: int = 0,
     val_fraction: float = 0.1,
     limit: int | None = None,
+    standardize: bool = True,
 ) -> Data:
     """Loads the dataset a spec names and wraps it in DataLoaders.
 
@@ -129,6 +131,8 @@ def load_data(
             source has no validation split of its own; 0 disables validation.
         limit: Caps the training set (after splitting) at this many samples.
             Ignored, with a warning, by ``module:function`` loaders.
+        standardize: Standardise built-in datasets with their train split's mean / std;
+            False keeps their pixels in [0, 1]. User data is never standardised.
 
     Returns:
         The loaders and metadata.
@@ -141,7 +145,7 @@ def load_data(
         raise InputError(f"val_fraction {val_fraction} must be in [0, 1); use e.g. 0.1")
     if limit is not None:
         _check_positive("limit", limit)
-    opts = _Options(batch_size, seed, val_fraction, limit)
+    opts = _Options(batch_size, seed, val_fraction, limit, standardize)
     return _dispatch(spec)(spec, opts)
 
 
@@ -151,6 +155,7 @@ class _Options:
     seed: int
     val_fraction: float
     limit: int | None
+    standardize: bool = True
 
 
 def _dispatch(spec: str) -> Callable[[str, _Options], Data]:
@@ -209,13 +214,15 @@ def _builtin_data(
     full: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> Data:
-    """Splits, standardises and wraps a labelled dataset scaled to [0, 1]."""
+    """Splits, standardises (unless asked not to) and wraps a dataset scaled to [0, 1]."""
     x, y = full
     if test is None:
         keep, held = _split_indices(y, TEST_FRACTION, opts.seed)
         x, y, test = x[keep], y[keep], (x[held], y[held])
     num_classes = int(max(y.max(), test[1].max())) + 1
     train, val = _split_val(x, y, opts)
+    if not opts.standardize:
+        return _wrap(spec, opts, train, val, test, num_classes=num_classes)
     # Scalar statistics of the train split only, so val/test stay unseen; taken
     # before the limit so that subsets of one dataset share preprocessing.
     mean, std = train[0].mean().item(), train[0].std().item()
