@@ -107,7 +107,6 @@ def test_digits_train_split_is_standardised() -> None:
     assert 0.0 < mean < 1.0 and 0.0 < std < 1.0  # statistics of the [0, 1]-scaled images
 
 
-
 def test_standardize_false_keeps_the_same_split_in_zero_one() -> None:
     raw, standard = load_data("digits", standardize=False), load_data("digits")
     assert raw.normalization is None
@@ -117,6 +116,7 @@ def test_standardize_false_keeps_the_same_split_in_zero_one() -> None:
         assert x.min().item() == 0.0 and x.max().item() == 1.0
         assert torch.allclose((x - mean) / std, b.dataset.tensors[0])
         assert torch.equal(a.dataset.tensors[1], b.dataset.tensors[1])
+
 
 def test_same_seed_gives_identical_split_and_first_batch() -> None:
     first, second = load_data("digits", seed=3), load_data("digits", seed=3)
