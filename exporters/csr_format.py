@@ -359,8 +359,7 @@ def _check_crc(parsed: Parsed, data: bytes, version: str) -> None:
         crc = checksum_v2(data, parsed.header_len)
     if recorded != crc:
         raise ValueError(
-            f"checksum mismatch (crc32 {recorded!r} recorded, {crc} computed): "
-            "the file is corrupt"
+            f"checksum mismatch (crc32 {recorded!r} recorded, {crc} computed): the file is corrupt"
         )
 
 
