@@ -157,7 +157,9 @@ def export_csr(
     def write(tmp: str) -> None:
         Path(tmp).write_bytes(data)
         if verify:
-            pack.verification = _verify(tmp, model, example_inputs)
+            # what this very model needs: an ultra-sparse pack may exceed the default cap
+            needed = sum(fmt.padded_elements(entry) for entry in entries.values())
+            pack.verification = _verify(tmp, model, example_inputs, needed)
 
     atomic_write(path, write, protect=protect)
     return pack
@@ -180,23 +182,27 @@ def load(path: str | Path, max_elements: int | None = None) -> dict[str, torch.T
 
 
 def verify(
-    pack_path: str | Path, model: nn.Module, example_inputs: tuple | None = None
+    pack_path: str | Path,
+    model: nn.Module,
+    example_inputs: tuple | None = None,
+    max_elements: int | None = None,
 ) -> CsrVerification:
     """Checks a pack against `model`: its tensors, and its outputs on `example_inputs`.
 
-    fp32 packs must rebuild every tensor exactly and give identical outputs; fp16 / int8
-    packs report their largest weight and output errors.
+    fp32 packs must rebuild every tensor exactly (up to the sign of zero) and give
+    identical outputs; fp16 / int8 packs report their largest weight and output errors.
+    `max_elements` is `load`'s.
 
     Raises:
         ValueError: the pack is corrupt.
         CompressorError: names, shapes or dtypes differ from the model's, or a lossless
             pack does not rebuild it exactly.
     """
-    return _verify(pack_path, model, example_inputs)
+    return _verify(pack_path, model, example_inputs, max_elements)
 
 
-def _verify(pack_path, model: nn.Module, example_inputs: tuple | None) -> CsrVerification:
-    rows, entries = _read(pack_path)
+def _verify(pack_path, model: nn.Module, example_inputs, max_elements=None) -> CsrVerification:
+    rows, entries = _read(pack_path, max_elements)
     rebuilt = {name: tensor for name, tensor, _ in rows}
     state = model.state_dict()
     _check_names(rebuilt, state)

@@ -297,19 +297,20 @@ def unpack(data: bytes, max_elements: int | None = None) -> Unpacked:
             arrays[name] = decode(name, entry, parsed)
         except MemoryError:
             raise ValueError(
-                f"{name}: out of memory rebuilding its {_padded(entry)} elements"
+                f"{name}: out of memory rebuilding its {padded_elements(entry)} elements"
             ) from None
         dtypes[name] = entry["dtype"]
     return Unpacked(arrays, dtypes, entries, parsed.metadata, parsed.header_len)
 
 
-def _padded(entry: dict) -> int:
+def padded_elements(entry: dict) -> int:
+    """The elements a checked entry rebuilds to, block padding included."""
     (rows, cols), (height, width) = entry["view"], entry["block"]
     return -(-rows // height) * height * -(-cols // width) * width
 
 
 def _check_budget(entries: dict[str, dict], file_bytes: int, max_elements: int | None) -> None:
-    total = sum(_padded(entry) for entry in entries.values())
+    total = sum(padded_elements(entry) for entry in entries.values())
     limit = default_max_elements(file_bytes) if max_elements is None else max_elements
     if total > limit:
         rule = (

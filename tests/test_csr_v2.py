@@ -277,3 +277,21 @@ def test_running_out_of_memory_is_a_value_error(tmp_path, monkeypatch):
     monkeypatch.setattr(fmt, "decode", no_memory)
     with pytest.raises(InputError, match="out of memory rebuilding"):
         csr.load(path)
+
+
+def test_an_ultra_sparse_pack_exports_and_loads_with_max_elements(tmp_path, monkeypatch):
+    """The writer verifies with what its own pack needs; readers get told the number."""
+    monkeypatch.setattr(fmt, "MIN_ELEMENTS", 1000)  # a small floor stands in for a huge model
+    monkeypatch.setattr(fmt, "ELEMENTS_PER_BYTE", 1)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[3, 5] = 1.0
+    pack = csr.export_csr(model, tmp_path / "p.csr", (torch.randn(2, 64),))
+    assert pack.verification.exact_weights and pack.size_bytes < 1000 < 64 * 64
+    with pytest.raises(InputError, match="max_elements=4096"):
+        csr.load(pack.path)
+    with pytest.raises(InputError, match="max_elements=4096"):
+        csr.verify(pack.path, model)
+    assert csr.load(pack.path, max_elements=4096)["0.weight"][3, 5] == 1.0
+    assert csr.verify(pack.path, model, max_elements=4096).exact_weights
