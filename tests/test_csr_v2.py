@@ -88,6 +88,7 @@ def test_the_worked_example_in_the_doc_checks_out():
     assert struct.unpack("<Q", data[:8])[0] == len(header)  # the length line is N
     at = data.index(b'"crc32":"') + 9
     assert data[at : at + 8].decode() == digits and f"P = 8 + {at - 8} = {at}" in text
+    assert f"CRC-32 of the {len(data)} file" in text
     assert f"{zlib.crc32(data[:at] + b'00000000' + data[at + 8 :]):08x}" == digits
     unpacked = fmt.unpack(data)  # and the reader takes it as it is
     assert unpacked.arrays["b"].tolist() == [1.0, -2.0] and unpacked.metadata["version"] == "2"
@@ -295,3 +296,16 @@ def test_an_ultra_sparse_pack_exports_and_loads_with_max_elements(tmp_path, monk
         csr.verify(pack.path, model)
     assert csr.load(pack.path, max_elements=4096)["0.weight"][3, 5] == 1.0
     assert csr.verify(pack.path, model, max_elements=4096).exact_weights
+
+
+def test_cli_refuses_a_block_above_the_cap(tmp_path, lenet5_pt2):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    out = tmp_path / "m.csr.safetensors"
+    args = ["export", str(lenet5_pt2), "--format", "csr", "--block", "1x512", "-o", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "Error: block 1x512 has more than 256 elements; use a smaller block" in result.output
+    assert "Traceback" not in result.output and not out.exists()
