@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor import distributed
+from compressor import distributed, filebounds
 from compressor.errors import InputError
 
 FORMAT = "compressor.run-checkpoint"
@@ -61,8 +61,11 @@ def read(path: str | Path) -> object:
     Raises:
         InputError: the file cannot be read as one (damaged, truncated, not torch's).
     """
+    filebounds.check_torch_file(path, "checkpoint")  # before torch allocates what it declares
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise InputError(f"checkpoint {str(path)!r} does not fit in memory") from None
     except Exception as exc:  # a damaged file raises many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"checkpoint {str(path)!r} is damaged: {first}") from None

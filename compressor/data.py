@@ -37,6 +37,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
+from compressor import filebounds
 from compressor.errors import CompressorWarning, InputError
 from compressor.idx import find_fashion_files, read_fashion_mnist
 
@@ -275,10 +276,11 @@ def _load_file(spec: str, opts: _Options) -> Data:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    filebounds.check_npz(path)  # numpy allocates each member's declared shape up front
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, AttributeError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, AttributeError, zipfile.BadZipFile, MemoryError) as exc:
         # A .npy renamed to .npz loads as a bare array (no .files), hence AttributeError.
         raise InputError(
             f"cannot read {path} as an .npz archive ({exc}); write it with "
@@ -287,6 +289,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_pt(path: Path) -> dict[str, object]:
+    filebounds.check_torch_file(path, "data file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises pickle, zip and runtime errors alike

@@ -61,7 +61,8 @@ class CsrVerification:
 
     Attributes:
         lossless: every stored value is exact (fp32 values of fp32 weights).
-        exact_weights: every rebuilt tensor equals the model's bit for bit.
+        exact_weights: every rebuilt tensor equals the model's bit for bit, up to the sign
+            of zero (a pruned -0.0 is not stored and comes back as +0.0).
         max_weight_error: largest |rebuilt - original| over all weights.
         max_output_diff: largest |output with rebuilt weights - original output|, when
             example inputs were given.
@@ -156,46 +157,58 @@ def export_csr(
     def write(tmp: str) -> None:
         Path(tmp).write_bytes(data)
         if verify:
-            pack.verification = _verify(tmp, model, example_inputs)
+            # what this very model needs: an ultra-sparse pack may exceed the default cap
+            needed = sum(fmt.padded_elements(entry) for entry in entries.values())
+            pack.verification = _verify(tmp, model, example_inputs, needed)
 
     atomic_write(path, write, protect=protect)
     return pack
 
 
-def load(path: str | Path) -> dict[str, torch.Tensor]:
+def load(path: str | Path, max_elements: int | None = None) -> dict[str, torch.Tensor]:
     """Reads a pack and rebuilds every tensor dense, in its original shape and dtype.
 
+    Args:
+        path: the pack (format version 1 or 2).
+        max_elements: the most elements its CSR weights may rebuild to, in all; by
+            default max(2**24, 1024 x the file's size in bytes), enough for any real pack
+            up to 99.9 % sparse. Checked from the header, before anything is allocated.
+
     Raises:
-        ValueError: (an `InputError`) the file is missing, truncated or corrupt; the
-            message says what is wrong.
+        ValueError: (an `InputError`) the file is missing, truncated or corrupt, declares
+            more than `max_elements`, or does not fit in memory; the message says what.
     """
-    return {name: tensor for name, tensor, _ in _read(path)[0]}
+    return {name: tensor for name, tensor, _ in _read(path, max_elements)[0]}
 
 
 def verify(
-    pack_path: str | Path, model: nn.Module, example_inputs: tuple | None = None
+    pack_path: str | Path,
+    model: nn.Module,
+    example_inputs: tuple | None = None,
+    max_elements: int | None = None,
 ) -> CsrVerification:
     """Checks a pack against `model`: its tensors, and its outputs on `example_inputs`.
 
-    fp32 packs must rebuild every tensor exactly and give identical outputs; fp16 / int8
-    packs report their largest weight and output errors.
+    fp32 packs must rebuild every tensor exactly (up to the sign of zero) and give
+    identical outputs; fp16 / int8 packs report their largest weight and output errors.
+    `max_elements` is `load`'s.
 
     Raises:
         ValueError: the pack is corrupt.
         CompressorError: names, shapes or dtypes differ from the model's, or a lossless
             pack does not rebuild it exactly.
     """
-    return _verify(pack_path, model, example_inputs)
+    return _verify(pack_path, model, example_inputs, max_elements)
 
 
-def _verify(pack_path, model: nn.Module, example_inputs: tuple | None) -> CsrVerification:
-    rows, entries = _read(pack_path)
+def _verify(pack_path, model: nn.Module, example_inputs, max_elements=None) -> CsrVerification:
+    rows, entries = _read(pack_path, max_elements)
     rebuilt = {name: tensor for name, tensor, _ in rows}
     state = model.state_dict()
     _check_names(rebuilt, state)
     lossless = all(e["values"] == "F32" and e["dtype"] != "F64" for e in entries.values())
     errors = {name: _max_error(state[name], tensor) for name, tensor in rebuilt.items()}
-    exact = all(torch.equal(state[name], tensor) for name, tensor in rebuilt.items())
+    exact = all(bit_equal(state[name], tensor) for name, tensor in rebuilt.items())
     if lossless and not exact:
         worst = max(errors, key=errors.get)
         raise CompressorError(
@@ -212,19 +225,23 @@ def _verify(pack_path, model: nn.Module, example_inputs: tuple | None) -> CsrVer
     return result
 
 
-def _read(path) -> tuple[list[tuple[str, torch.Tensor, str]], dict[str, dict]]:
+def _read(path, max_elements=None) -> tuple[list[tuple[str, torch.Tensor, str]], dict]:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read CSR pack {str(path)!r}: {exc.strerror or exc}") from None
+    except MemoryError:
+        raise InputError(f"CSR pack {str(path)!r} does not fit in memory") from None
     try:
-        unpacked = fmt.unpack(data)
+        unpacked = fmt.unpack(data, max_elements)
+        rows = [
+            (name, _to_torch(array, unpacked.dtypes[name]), unpacked.dtypes[name])
+            for name, array in unpacked.arrays.items()
+        ]
     except ValueError as exc:
         raise InputError(f"{str(path)!r} is not a valid CSR pack: {exc}") from None
-    rows = [
-        (name, _to_torch(array, unpacked.dtypes[name]), unpacked.dtypes[name])
-        for name, array in unpacked.arrays.items()
-    ]
+    except MemoryError:
+        raise InputError(f"CSR pack {str(path)!r}: out of memory rebuilding it") from None
     return rows, unpacked.entries
 
 
@@ -242,6 +259,11 @@ def _check_options(model: nn.Module, values: str, block, layers: str) -> None:
         raise InputError(f"layers {layers!r}: use one of {', '.join(LAYER_CHOICES)}")
     if len(tuple(block)) != 2 or min(block) < 1 or not all(isinstance(b, int) for b in block):
         raise InputError(f"block {block!r} must be (R, C) of positive integers")
+    if block[0] * block[1] > fmt.MAX_BLOCK_ELEMENTS:
+        raise InputError(
+            f"block {block[0]}x{block[1]} has more than {fmt.MAX_BLOCK_ELEMENTS} elements; "
+            "use a smaller block, e.g. 1x4"
+        )
     leftovers = has_machinery(model)
     if leftovers:
         raise InputError(
@@ -307,19 +329,17 @@ def _serialize(tensors: dict, entries: dict, report: dict | None) -> bytes:
     meta = {
         "format": fmt.FORMAT,
         "version": fmt.VERSION,
-        "crc32": "00000000",
+        "crc32": fmt.PLACEHOLDER.decode("ascii"),
         "tensors": json.dumps(entries, separators=(",", ":")),
     }
     if report is not None:
         meta["report"] = json.dumps(report, default=str, separators=(",", ":"))
-    draft = save(tensors, metadata=meta)
-    # The checksum covers the tensor table, the `tensors` entry and the data, none of
-    # which depends on the checksum's own value: take it from a draft, then record it.
-    meta["crc32"] = fmt.checksum(fmt.parse(draft), draft)
-    data = save(tensors, metadata=meta)
-    if fmt.checksum(fmt.parse(data), data) != meta["crc32"]:
-        raise CompressorError("safetensors laid the pack out differently twice; cannot checksum")
-    return data
+    try:
+        # Version 2's checksum covers the whole file with its own digits read as zeros,
+        # so it is computed on the written bytes and patched into them (no re-layout).
+        return fmt.seal(save(tensors, metadata=meta))
+    except ValueError as exc:  # a tensor name or the report that mimics the crc32 field
+        raise CompressorError(f"cannot checksum the pack: {exc}") from None
 
 
 def _header_len(data: bytes) -> int:
@@ -339,6 +359,17 @@ def _check_names(rebuilt: dict, state: dict) -> None:
                 f"{name}: the pack holds {tuple(tensor.shape)} {tensor.dtype}, the model "
                 f"{tuple(state[name].shape)} {state[name].dtype}"
             )
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits, up to the sign of zero (-0.0 == +0.0; NaN == same NaN)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    a, b = (t.masked_fill(t == 0, 0).contiguous().view(width) for t in (a, b))
+    return torch.equal(a, b)
 
 
 def _max_error(original: torch.Tensor, rebuilt: torch.Tensor) -> float:

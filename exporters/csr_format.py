@@ -1,55 +1,54 @@
-"""The CSR pack's on-disk format: encoding weights, and reading raw bytes with validation.
+"""The CSR pack's on-disk format: encoding weights, and decoding a pack with validation.
 
 The pack is a plain safetensors file (docs/csr-format.md has the full specification):
 
     [8 bytes: u64 little-endian N][N bytes: JSON header][data section: raw tensors]
 
-This module encodes one weight into its CSR / block-CSR arrays and parses a pack from its
-raw bytes, checking every length, offset, dtype and index before using it, so that any
-corrupt file raises `ValueError` with a message and never another exception or a silently
-wrong tensor (the data section is covered by a CRC-32 as well).
+This module encodes one weight into its CSR / block-CSR arrays and decodes a whole pack,
+checking every entry, dtype and index before using it, so that any corrupt file raises
+`ValueError` with a message and never another exception or a silently wrong tensor.
+`exporters.csr_header` parses the safetensors layer and computes the checksums.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import struct
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from exporters.csr_header import (  # noqa: F401 (re-exported: one module for callers)
+    DTYPES,
+    MAX_HEADER,
+    PLACEHOLDER,
+    Parsed,
+    checksum_v1,
+    checksum_v2,
+    crc_field,
+    ints,
+    parse,
+    parse_json,
+    seal,
+)
+
 FORMAT = "compressor.csr"
-VERSION = "1"
+VERSION = "2"  # what the writer emits
+READ_VERSIONS = ("1", "2")
 # Tensor name suffixes of one CSR-encoded weight NAME.
 PARTS = ("values", "col_indices", "row_ptr", "scales")
+checksum = checksum_v1  # the name version 1 had
 
-# safetensors dtype names -> little-endian numpy dtypes. BF16 has no numpy type; it is
-# read as raw 16-bit words and reinterpreted by the caller.
-DTYPES = {
-    "BOOL": np.dtype("?"),
-    "U8": np.dtype("<u1"),
-    "I8": np.dtype("<i1"),
-    "U16": np.dtype("<u2"),
-    "I16": np.dtype("<i2"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"),
-    "I32": np.dtype("<i4"),
-    "U32": np.dtype("<u4"),
-    "F32": np.dtype("<f4"),
-    "I64": np.dtype("<i8"),
-    "U64": np.dtype("<u8"),
-    "F64": np.dtype("<f8"),
-}
 VALUE_DTYPES = {"fp32": "F32", "fp16": "F16", "int8": "I8"}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 INDEX_DTYPES = ("U8", "U16", "I32")
 ROW_PTR_DTYPES = ("I32", "I64")
+# How many block columns each index dtype can address (indices 0 .. capacity-1).
+INDEX_CAPACITY = {"U8": 2**8, "U16": 2**16, "I32": 2**31}
+# Version 2: a block holds at most this many elements (R*C), e.g. 16x16 or 1x256. Larger
+# blocks buy nothing on any runtime we know, and padding to them can inflate a rebuild.
+MAX_BLOCK_ELEMENTS = 256
 INT8_MAX = 127  # symmetric int8: -127..127, so -x is representable for every x
 FP16_MAX = 65504.0
-# A header past this size is not one we wrote: refuse it before decoding it.
-MAX_HEADER = 100 * 2**20
 
 
 def index_dtype(count: int) -> str:
@@ -95,6 +94,8 @@ def encode(weight: np.ndarray, values: str, block: tuple[int, int]) -> tuple[dic
     brows, bcols = -(-rows // height), -(-cols // width)
     padded = np.zeros((brows * height, bcols * width), dtype=weight.dtype)
     padded[:rows, :cols] = weight.reshape(rows, cols)
+    # A zero is not stored whatever its sign: masking makes -0.0 of every pruned negative
+    # weight (w * 0), and storing those would store half the zeros (see the format doc).
     keep = _blocks(padded, block).any(axis=(2, 3))
     block_rows, block_cols = np.nonzero(keep)  # row-major: sorted by row, then column
     stored, scales = _values(padded, rows, values)
@@ -115,6 +116,13 @@ def encode(weight: np.ndarray, values: str, block: tuple[int, int]) -> tuple[dic
         "block": list(block),
         "values": VALUE_DTYPES[values],
     }
+
+
+def nonzero_bits(array: np.ndarray) -> np.ndarray:
+    """True where an element's bits are not all zero: -0.0 counts, +0.0 does not."""
+    if array.dtype.kind == "f":
+        return (array != 0) | np.signbit(array)
+    return array != 0
 
 
 def _blocks(padded: np.ndarray, block: tuple[int, int]) -> np.ndarray:
@@ -145,128 +153,6 @@ def _values(padded: np.ndarray, rows: int, values: str) -> tuple[np.ndarray, np.
 # --- reading --------------------------------------------------------------------------------
 
 
-@dataclass
-class Parsed:
-    """A safetensors file read from raw bytes.
-
-    Attributes:
-        arrays: name -> array, a view into the file's bytes (BF16 as raw uint16 words).
-        dtypes: name -> safetensors dtype name (the header's, since BF16 and U16 share a
-            numpy dtype).
-        offsets: name -> (begin, end) in the data section.
-        metadata: the header's `__metadata__`.
-        header_len: N, the header's length in bytes.
-    """
-
-    arrays: dict[str, np.ndarray]
-    dtypes: dict[str, str]
-    offsets: dict[str, tuple[int, int]]
-    metadata: dict[str, str]
-    header_len: int
-
-
-def parse(data: bytes) -> Parsed:
-    """Parses a safetensors file from raw bytes, validating its structure.
-
-    Raises:
-        ValueError: a truncated file, a bad header, bad dtypes/shapes/offsets, or offsets
-            that overlap, leave gaps or run past the data.
-    """
-    if len(data) < 8:
-        raise ValueError(f"file is {len(data)} bytes, shorter than the 8-byte header length")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(len(data) - 8, MAX_HEADER):
-        raise ValueError(
-            f"header length {header_len} runs past the end of the {len(data)}-byte file "
-            "(truncated or corrupt)"
-        )
-    header = _json(data[8 : 8 + header_len], "header")
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    meta = header.pop("__metadata__", None)
-    if not isinstance(meta, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-    ):
-        raise ValueError("header has no __metadata__ of string keys and values")
-    body = memoryview(data)[8 + header_len :]
-    arrays = {name: _array(name, entry, body) for name, entry in header.items()}
-    _check_layout(header, len(body))
-    dtypes = {k: v["dtype"] for k, v in header.items()}
-    offsets = {k: tuple(v["data_offsets"]) for k, v in header.items()}
-    return Parsed(arrays, dtypes, offsets, meta, header_len)
-
-
-def checksum(parsed: Parsed, data: bytes) -> str:
-    """The pack's CRC-32 (zlib's), as 8 lowercase hex digits.
-
-    It covers, in this order: one line per tensor in data-offset order,
-    `NAME\tDTYPE\tD0,D1,...\tBEGIN\tEND\n`; the `tensors` metadata string; the data
-    section. So a changed name, dtype, shape, offset, CSR entry or data byte is caught.
-    """
-    crc = zlib.crc32(_table(parsed).encode("utf-8"))
-    crc = zlib.crc32(parsed.metadata.get("tensors", "").encode("utf-8"), crc)
-    crc = zlib.crc32(memoryview(data)[8 + parsed.header_len :], crc)
-    return f"{crc & 0xFFFFFFFF:08x}"
-
-
-def _table(parsed: Parsed) -> str:
-    rows = sorted(
-        (*parsed.offsets[name], name, parsed.dtypes[name], parsed.arrays[name].shape)
-        for name in parsed.arrays
-    )
-    return "".join(
-        f"{name}\t{dtype}\t{','.join(map(str, shape))}\t{begin}\t{end}\n"
-        for begin, end, name, dtype, shape in rows
-    )
-
-
-def _json(raw, what: str):
-    try:
-        return json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"{what} is not valid UTF-8 JSON: {str(exc)[:120]}") from None
-
-
-def _array(name: str, entry, body: memoryview) -> np.ndarray:
-    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise ValueError(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}")
-    if not _ints(shape) or any(d < 0 for d in shape):
-        raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
-    if not _ints(offsets) or len(offsets) != 2:
-        raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
-    begin, end = offsets
-    if not 0 <= begin <= end <= len(body):
-        raise ValueError(
-            f"tensor {name!r}: data_offsets [{begin}, {end}] outside the {len(body)}-byte data"
-        )
-    count = math.prod(shape)
-    if end - begin != count * DTYPES[dtype].itemsize:
-        raise ValueError(
-            f"tensor {name!r}: {end - begin} bytes of data for shape {shape} of {dtype}"
-        )
-    return np.frombuffer(body, dtype=DTYPES[dtype], count=count, offset=begin).reshape(shape)
-
-
-def _ints(value) -> bool:
-    return isinstance(value, list) and all(type(v) is int for v in value)
-
-
-def _check_layout(header: dict, size: int) -> None:
-    """Tensors must tile the data section exactly: no overlap, no gap, nothing after."""
-    position = 0
-    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
-        begin, end = entry["data_offsets"]
-        if begin != position:
-            kind = "overlaps the previous tensor" if begin < position else "leaves a gap"
-            raise ValueError(f"tensor {name!r} at offset {begin} {kind} (expected {position})")
-        position = end
-    if position != size:
-        raise ValueError(f"{size - position} bytes of data after the last tensor")
-
-
 def decode(name: str, entry: dict, parsed: Parsed) -> np.ndarray:
     """Rebuilds the dense weight NAME from its parts, checking every index.
 
@@ -282,7 +168,9 @@ def decode(name: str, entry: dict, parsed: Parsed) -> np.ndarray:
     brows, bcols = -(-rows // height), -(-cols // width)
     row_ptr = _part(name, "row_ptr", parsed, ROW_PTR_DTYPES, [brows + 1]).astype(np.int64)
     nblocks = _check_row_ptr(name, row_ptr)
-    col_idx = _part(name, "col_indices", parsed, INDEX_DTYPES, [nblocks]).astype(np.int64)
+    col_idx = _part(name, "col_indices", parsed, INDEX_DTYPES, [nblocks])
+    _check_index_width(name, parsed.dtypes[f"{name}.col_indices"], bcols)
+    col_idx = col_idx.astype(np.int64)
     shape = [nblocks] if entry["encoding"] == "csr" else [nblocks, height, width]
     values = _part(name, "values", parsed, (entry["values"],), shape)
     block_rows = np.repeat(np.arange(brows), np.diff(row_ptr))
@@ -290,7 +178,7 @@ def decode(name: str, entry: dict, parsed: Parsed) -> np.ndarray:
     padded = np.zeros((brows, bcols, height, width), dtype=values.dtype)
     padded[block_rows, col_idx] = values.reshape(nblocks, height, width)
     full = padded.transpose(0, 2, 1, 3).reshape(brows * height, bcols * width)
-    if np.any(full[rows:]) or np.any(full[:, cols:]):
+    if np.any(nonzero_bits(full[rows:])) or np.any(nonzero_bits(full[:, cols:])):
         raise ValueError(
             f"{name}: non-zero values in the block padding past the view {rows}x{cols}"
         )
@@ -324,6 +212,14 @@ def _check_row_ptr(name: str, row_ptr: np.ndarray) -> int:
     return int(row_ptr[-1])
 
 
+def _check_index_width(name: str, dtype: str, bcols: int) -> None:
+    if bcols > INDEX_CAPACITY[dtype]:
+        raise ValueError(
+            f"{name}.col_indices: {dtype} cannot hold every block-column index of the "
+            f"{bcols} block columns (indices up to {bcols - 1}); use a wider index type"
+        )
+
+
 def _check_columns(name: str, col_idx: np.ndarray, block_rows: np.ndarray, bcols: int) -> None:
     if len(col_idx) and (col_idx.min() < 0 or col_idx.max() >= bcols):
         raise ValueError(f"{name}.col_indices out of range: must lie in [0, {bcols})")
@@ -344,9 +240,18 @@ def _scales(name: str, entry: dict, parsed: Parsed, rows: int) -> np.ndarray:
 # --- the pack as a whole --------------------------------------------------------------------
 
 ENTRY_KEYS = {"encoding", "shape", "view", "dtype", "values", "block", "scales"}
-# The reader refuses to rebuild a weight larger than this many elements (4 GiB of fp32):
-# no edge model has one, and a corrupt shape must not make the reader allocate terabytes.
-MAX_DENSE = 2**30
+# The default cap on the elements a pack may make the reader rebuild, over all its CSR
+# weights: the larger of a fixed floor (any model of up to 16 Mi weight elements, whatever
+# its sparsity) and 1024 elements per byte of file. A stored element costs 1.25-6 bytes
+# (int8 1x4 blocks .. fp32 with U16 indices), so that admits real packs up to 99.9 %
+# sparse, and refuses a 66 KB file declaring a 16384x16384 weight (2**28 elements).
+MIN_ELEMENTS = 2**24
+ELEMENTS_PER_BYTE = 1024
+
+
+def default_max_elements(file_bytes: int) -> int:
+    """The rebuild cap `unpack` applies to a `file_bytes`-byte pack unless told otherwise."""
+    return max(MIN_ELEMENTS, ELEMENTS_PER_BYTE * file_bytes)
 
 
 @dataclass
@@ -368,21 +273,56 @@ class Unpacked:
     header_len: int
 
 
-def unpack(data: bytes) -> Unpacked:
+def unpack(data: bytes, max_elements: int | None = None) -> Unpacked:
     """Parses and validates a whole pack and rebuilds its CSR weights as dense arrays.
 
+    Args:
+        data: the pack's bytes.
+        max_elements: the most elements the CSR weights may rebuild to, in all (block
+            padding included); None: `default_max_elements(len(data))`.
+
     Raises:
-        ValueError: anything wrong with the file, with a message saying what.
+        ValueError: anything wrong with the file, with a message saying what; a pack that
+            declares more than `max_elements`, checked before anything is allocated; and
+            a rebuild that runs out of memory.
     """
     parsed = parse(data)
     entries = check_metadata(parsed, data)
+    _check_budget(entries, len(data), max_elements)
     claimed = _claimed_parts(entries, parsed)
     arrays = {k: v for k, v in parsed.arrays.items() if k not in claimed}
     dtypes = {k: parsed.dtypes[k] for k in arrays}
     for name, entry in entries.items():
-        arrays[name] = decode(name, entry, parsed)
+        try:
+            arrays[name] = decode(name, entry, parsed)
+        except MemoryError:
+            raise ValueError(
+                f"{name}: out of memory rebuilding its {padded_elements(entry)} elements"
+            ) from None
         dtypes[name] = entry["dtype"]
     return Unpacked(arrays, dtypes, entries, parsed.metadata, parsed.header_len)
+
+
+def padded_elements(entry: dict) -> int:
+    """The elements a checked entry rebuilds to, block padding included."""
+    (rows, cols), (height, width) = entry["view"], entry["block"]
+    return -(-rows // height) * height * -(-cols // width) * width
+
+
+def _check_budget(entries: dict[str, dict], file_bytes: int, max_elements: int | None) -> None:
+    total = sum(padded_elements(entry) for entry in entries.values())
+    limit = default_max_elements(file_bytes) if max_elements is None else max_elements
+    if total > limit:
+        rule = (
+            f"the default for a {file_bytes}-byte file, max(2**24, 1024 x file size)"
+            if max_elements is None
+            else "max_elements"
+        )
+        raise ValueError(
+            f"the pack declares {total} weight elements to rebuild, more than the limit "
+            f"{limit} ({rule}); if the file is genuine, load it with "
+            f"exporters.csr.load(path, max_elements={total})"
+        )
 
 
 def check_metadata(parsed: Parsed, data: bytes) -> dict[str, dict]:
@@ -393,45 +333,57 @@ def check_metadata(parsed: Parsed, data: bytes) -> dict[str, dict]:
             f"not a compressor CSR pack: __metadata__ format is {meta.get('format')!r}, "
             f"expected {FORMAT!r}"
         )
-    if meta.get("version") != VERSION:
+    version = meta.get("version")
+    if version not in READ_VERSIONS:
         raise ValueError(
-            f"unsupported CSR pack version {meta.get('version')!r}; this reader reads "
-            f"version {VERSION}"
+            f"unsupported CSR pack version {version!r}; this reader reads versions "
+            f"{', '.join(READ_VERSIONS)}"
         )
-    crc = checksum(parsed, data)
-    if meta.get("crc32") != crc:
-        raise ValueError(
-            f"checksum mismatch (crc32 {meta.get('crc32')!r} recorded, {crc} computed): "
-            "the file is corrupt"
-        )
-    entries = _json(meta.get("tensors", "").encode(), "__metadata__ 'tensors'")
+    _check_crc(parsed, data, version)
+    entries = parse_json(meta.get("tensors", "").encode(), "__metadata__ 'tensors'")
     if not isinstance(entries, dict):
         raise ValueError("__metadata__ 'tensors' is not a JSON object")
     for name, entry in entries.items():
-        _check_entry(name, entry)
+        _check_entry(name, entry, version)
     return entries
 
 
-def _check_entry(name: str, entry) -> None:
+def _check_crc(parsed: Parsed, data: bytes, version: str) -> None:
+    recorded = meta_crc = parsed.metadata.get("crc32")
+    if version == "1":
+        crc = checksum_v1(parsed, data)
+    else:
+        start = crc_field(data, parsed.header_len)
+        recorded = bytes(data[start : start + 8]).decode("ascii")
+        if meta_crc != recorded:
+            raise ValueError(f"__metadata__ crc32 {meta_crc!r} is not the crc32 field's digits")
+        crc = checksum_v2(data, parsed.header_len)
+    if recorded != crc:
+        raise ValueError(
+            f"checksum mismatch (crc32 {recorded!r} recorded, {crc} computed): the file is corrupt"
+        )
+
+
+def _check_entry(name: str, entry, version: str) -> None:
     if not isinstance(entry, dict) or set(entry) != ENTRY_KEYS:
         raise ValueError(f"{name}: metadata entry must have exactly {sorted(ENTRY_KEYS)}")
     shape, block = entry["shape"], entry["block"]
-    if not _ints(shape) or len(shape) < 2 or any(d < 0 for d in shape):
+    if not ints(shape) or len(shape) < 2 or any(d < 0 for d in shape):
         raise ValueError(f"{name}: shape {shape!r} is not a list of >= 2 sizes")
-    if not _ints(entry["view"]) or entry["view"] != list(view_of(tuple(shape))):
+    if not ints(entry["view"]) or entry["view"] != list(view_of(tuple(shape))):
         raise ValueError(f"{name}: view {entry['view']!r} is not shape {shape} as 2-D")
-    if not _ints(block) or len(block) != 2 or min(block) < 1:
+    if not ints(block) or len(block) != 2 or min(block) < 1:
         raise ValueError(f"{name}: block {block!r} is not [R, C] of positive sizes")
+    if version != "1" and block[0] * block[1] > MAX_BLOCK_ELEMENTS:
+        raise ValueError(
+            f"{name}: block {block[0]}x{block[1]} has more than {MAX_BLOCK_ELEMENTS} elements"
+        )
     if entry["encoding"] != ("csr" if block == [1, 1] else "bcsr"):
         raise ValueError(f"{name}: encoding {entry['encoding']!r} does not fit block {block}")
     if entry["dtype"] not in FLOAT_DTYPES or entry["values"] not in VALUE_DTYPES.values():
         raise ValueError(f"{name}: bad dtype {entry['dtype']!r} or values {entry['values']!r}")
     if entry["values"] != "I8" and entry["scales"] is not None:
         raise ValueError(f"{name}: scales given for {entry['values']} values")
-    rows, cols = entry["view"]
-    padded = -(-rows // block[0]) * block[0] * -(-cols // block[1]) * block[1]
-    if padded > MAX_DENSE:
-        raise ValueError(f"{name}: {padded} elements is more than this reader rebuilds")
 
 
 def _claimed_parts(entries: dict[str, dict], parsed: Parsed) -> set[str]:

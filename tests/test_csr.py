@@ -240,13 +240,9 @@ def _doc_reader(data: bytes) -> dict[str, np.ndarray]:
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     meta, body = header.pop("__metadata__"), data[8 + n :]
-    lines = sorted((e["data_offsets"][0], e["data_offsets"][1], k) for k, e in header.items())
-    text = "".join(
-        f"{k}\t{header[k]['dtype']}\t{','.join(map(str, header[k]['shape']))}\t{b}\t{e}\n"
-        for b, e, k in lines
-    )
-    crc = zlib.crc32(body, zlib.crc32(meta["tensors"].encode(), zlib.crc32(text.encode())))
-    assert meta["crc32"] == f"{crc:08x}" and meta["version"] == "1"
+    at = 8 + data[8 : 8 + n].index(b'"crc32":"') + 9  # version 2: the digits read as zeros
+    crc = zlib.crc32(data[:at] + b"00000000" + data[at + 8 :])
+    assert meta["crc32"] == data[at : at + 8].decode() == f"{crc:08x}" and meta["version"] == "2"
 
     def array(name):
         entry = header[name]
@@ -309,17 +305,13 @@ def _split(data: bytes) -> tuple[dict, bytes]:
 def _join(header: dict, body: bytes, fix_crc: bool = True) -> bytes:
     """Header + body as a pack; with `fix_crc`, the checksum recomputed as a writer would."""
 
-    def pack() -> bytes:
-        raw = json.dumps(header).encode()
-        return struct.pack("<Q", len(raw)) + raw + body
-
-    data = pack()
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    data = struct.pack("<Q", len(raw)) + raw + body
     if fix_crc:
         try:
-            header["__metadata__"]["crc32"] = fmt.checksum(fmt.parse(data), data)
+            return fmt.seal(data)
         except ValueError:
-            return data  # structurally broken already: the checksum is never reached
-        data = pack()
+            return data  # no crc32 field left to fill: the checksum is never reached
     return data
 
 
@@ -351,8 +343,8 @@ def test_truncated(packs):
 
 def test_wrong_version_and_format(packs):
     header, body = _split(packs["fp32"])
-    header["__metadata__"]["version"] = "2"
-    _rejects(_join(header, body), "unsupported CSR pack version '2'")
+    header["__metadata__"]["version"] = "3"
+    _rejects(_join(header, body), "unsupported CSR pack version '3'")
     header["__metadata__"]["format"] = "something.else"
     _rejects(_join(header, body), "not a compressor CSR pack")
 
@@ -461,12 +453,11 @@ FUZZ = settings(
 @FUZZ
 @given(key=st.sampled_from(["fp32", "int8-1x4"]), data=st.data())
 def test_fuzz_byte_flips(packs, key, data):
-    """Any byte changed anywhere: a ValueError, or (header whitespace) the very same tensors."""
+    """Any byte changed anywhere, header whitespace included: a ValueError (version 2)."""
     original = packs[key]
     position = data.draw(st.integers(0, len(original) - 1))
     value = data.draw(st.integers(0, 255).filter(lambda v: v != original[position]))
-    result = _outcome(original[:position] + bytes([value]) + original[position + 1 :])
-    assert result is None or _same(result, fmt.unpack(original)), "silently wrong tensor"
+    assert _outcome(original[:position] + bytes([value]) + original[position + 1 :]) is None
 
 
 @FUZZ
