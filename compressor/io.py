@@ -25,10 +25,9 @@ from torch import nn
 from compressor import zoo
 from compressor.errors import CompressorError, InputError
 from compressor.lift import lift
+from compressor.meta import META_FILE, META_FORMAT, META_VERSION, parse_meta
+from compressor.pt2_check import check_program_targets, check_pt2_archive
 
-META_FILE = "compressor.json"
-META_FORMAT = "compressor.pt2"
-META_VERSION = 1
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth")
 TO_PT2_HINT = (
     "in Python: torch.export.save(torch.export.export(model.eval(), (example_input,)), "
@@ -99,7 +98,8 @@ def load_model(
     Args:
         path: the model file.
         arch: zoo name or `package.module:factory`, needed for state_dicts.
-        trust_pickle: allow unpickling a whole module (runs code from the file).
+        trust_pickle: allow what runs code from the file: unpickling a whole module, or
+            the pickled entries and Python calls of a .pt2 (refused without it).
         input_shape: per-sample input shape, used to build zoo models for their data.
         num_classes: classes of the data, when known (else read from the weights).
 
@@ -109,7 +109,7 @@ def load_model(
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "pt2":
-        return _load_pt2(path)
+        return _load_pt2(path, trust_pickle)
     if fmt == "torchscript":
         raise InputError(
             f"{str(path)!r} is a TorchScript archive, which compressor cannot prune; "
@@ -122,7 +122,9 @@ def load_model(
     return _load_torch_save(path, arch, trust_pickle, input_shape, num_classes)
 
 
-def _load_pt2(path: Path) -> Loaded:
+def _load_pt2(path: Path, trust_pickle: bool = False) -> Loaded:
+    if not trust_pickle:
+        check_pt2_archive(path)
     extra = {META_FILE: ""}
     with warnings.catch_warnings():
         # torch's own deserialiser trips its LeafSpec deprecation; not the user's concern
@@ -130,9 +132,12 @@ def _load_pt2(path: Path) -> Loaded:
         try:
             program = torch.export.load(str(path), extra_files=extra)
         except Exception as exc:  # torch raises many types for a damaged archive
-            raise InputError(f"{str(path)!r} is a damaged .pt2 file: {exc}") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{str(path)!r} is a damaged .pt2 file: {first}") from None
+        if not trust_pickle:
+            check_program_targets(program, path)
         model = lift(program)
-    meta = json.loads(extra[META_FILE]) if extra[META_FILE] else {}
+    meta = parse_meta(extra[META_FILE], path)
     shape = meta.get("input_shape") or _program_input_shape(program)
     model.input_shape = tuple(shape) if shape else None
     return Loaded(model, "pt2", model.input_shape, meta.get("report"), meta)
