@@ -118,7 +118,7 @@ def load_model(
     if fmt == "onnx":
         raise InputError(f"{str(path)!r} is an ONNX model; ONNX input is not supported yet")
     if fmt == "safetensors":
-        return _from_state_dict(_read_safetensors(path), path, arch, input_shape, num_classes)
+        return _load_safetensors(path, arch, input_shape, num_classes)
     return _load_torch_save(path, arch, trust_pickle, input_shape, num_classes)
 
 
@@ -152,13 +152,27 @@ def _program_input_shape(program: torch.export.ExportedProgram) -> list[int] | N
     return None
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+def _load_safetensors(path, arch, input_shape, num_classes) -> Loaded:
+    """A state_dict file; the metadata save_model put in it gives its shape and report."""
+    state, meta = _read_safetensors(path)
+    recorded = meta.get("input_shape")
+    shape = input_shape or (tuple(recorded) if recorded else None)
+    loaded = _from_state_dict(state, path, arch, shape, num_classes)
+    loaded.report = meta.get("report")
+    return loaded
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), parse_meta(metadata.get(META_FILE), path)
     except (SafetensorError, OSError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
         raise InputError(f"{str(path)!r} is a damaged safetensors file: {exc}") from None
 
 

@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import cli
+from compressor import zoo
 from compressor.errors import InputError
 from compressor.io import load_model, save_model
 from compressor.pt2_check import check_program_targets
@@ -213,3 +214,38 @@ def test_graph_calling_a_python_function_is_refused(const_pt2):
     node.target = os.getcwd
     with pytest.raises(InputError, match=rf"graph node '{node.name}' .*--trust-pickle"):
         check_program_targets(program, const_pt2)
+
+
+def _safetensors_with_meta(path: Path, meta: str) -> Path:
+    from safetensors.torch import save_file
+
+    model = zoo.build("lenet300", in_channels=1, num_classes=10, input_size=8)
+    save_file(dict(model.state_dict()), path, metadata={"compressor.json": meta})
+    return path
+
+
+def test_safetensors_metadata_is_read_back(tmp_path):
+    meta = json.dumps({"input_shape": [1, 8, 8], "report": {"method": "dense"}})
+    path = _safetensors_with_meta(tmp_path / "w.safetensors", meta)
+    loaded = load_model(path, arch="lenet300")
+    assert loaded.report == {"method": "dense"} and loaded.input_shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("case", ["not-json", "shape-type", "report-type"])
+def test_damaged_safetensors_metadata_exits_2(tmp_path, case):
+    meta, detail = BAD_META[case]
+    path = _safetensors_with_meta(tmp_path / "w.safetensors", meta.decode())
+    result = CliRunner().invoke(cli, ["info", str(path), "--arch", "lenet300"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"Error: damaged compressor metadata in '{path}': ")
+    assert detail in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_safetensors_header_of_wrong_type_exits_2(tmp_path):
+    header = json.dumps({"__metadata__": {"compressor.json": 5}}).encode()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    result = CliRunner().invoke(cli, ["info", str(path), "--arch", "lenet300"])
+    assert result.exit_code == 2, result.output
+    assert f"Error: '{path}' is a damaged safetensors file: " in result.output
+    assert "expected a string" in result.output
