@@ -7,11 +7,9 @@ touch the file a model was loaded from.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import pickle
-import sys
 import tempfile
 import warnings
 import zipfile
@@ -27,6 +25,7 @@ from compressor.errors import CompressorError, InputError
 from compressor.lift import lift
 from compressor.meta import META_FILE, META_FORMAT, META_VERSION, parse_meta
 from compressor.pt2_check import check_program_targets, check_pt2_archive
+from compressor.user_code import call_spec
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth")
 TO_PT2_HINT = (
@@ -266,16 +265,7 @@ def _infer_io(probe: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, in
 
 
 def _call_factory(spec: str) -> nn.Module:
-    module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # so `--arch mymodels:net` finds ./mymodels.py
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise InputError(
-            f"--arch {spec!r}: cannot import {attr!r} from {module_name!r}: {exc}"
-        ) from None
-    model = factory()
+    model = call_spec(spec, "--arch")
     if not isinstance(model, nn.Module):
         raise InputError(f"--arch {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
