@@ -29,8 +29,9 @@ from compressor.user_code import call_spec
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth")
 TO_PT2_HINT = (
-    "in Python: torch.export.save(torch.export.export(model.eval(), (example_input,)), "
-    "'model.pt2'), or save model.state_dict() and pass --arch"
+    "in Python: torch.export.save(torch.export.export(model.eval(), (example_input,), "
+    "dynamic_shapes=({0: torch.export.Dim(\"batch\")},)), 'model.pt2'), "
+    "or save model.state_dict() and pass --arch"
 )
 
 

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
+from compressor.static_batch import free_static_batch_
+
 aten = torch.ops.aten
 
 
@@ -144,6 +146,7 @@ def lift(program: torch.export.ExportedProgram) -> fx.GraphModule:
     flat = program.module()
     attrs, constants = _flat_attrs(flat)
     graph, modules = _lifted_graph(flat, attrs)
+    free_static_batch_(graph)  # a program exported at a fixed batch runs at any batch
     root = _root_module(graph, modules, attrs, constants)
     lifted_gm = fx.GraphModule(root, graph)
     _unpersist_constants_(lifted_gm, constants)
