@@ -25,6 +25,7 @@ from compressor.errors import CompressorError, InputError
 from compressor.lift import lift
 from compressor.meta import META_FILE, META_FORMAT, META_VERSION, parse_meta
 from compressor.pt2_check import check_program_targets, check_pt2_archive
+from compressor.static_batch import check_any_batch
 from compressor.user_code import call_spec
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -137,6 +138,7 @@ def _load_pt2(path: Path, trust_pickle: bool = False) -> Loaded:
         if not trust_pickle:
             check_program_targets(program, path)
         model = lift(program)
+        check_any_batch(model, str(path), TO_PT2_HINT)
     meta = parse_meta(extra[META_FILE], path)
     shape = meta.get("input_shape") or _program_input_shape(program)
     model.input_shape = tuple(shape) if shape else None

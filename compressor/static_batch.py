@@ -8,15 +8,19 @@ the batch in its leading dimension, that entry is replaced by the tensor's live
 `sym_size(x, 0)`, exactly what a dynamic-batch export records.
 
 What cannot be recovered stays frozen: a batch folded into another dimension
-(`view(x, [B * T, C])`), tensors created with a batch-sized shape (`zeros([B, H])`), and a
-shape whose leading entry merely equals the batch by coincidence is taken to be the batch
-(with a batch-1 export `x.view(1, -1)` and `x.view(x.shape[0], -1)` are the same graph).
+(`view(x, [B * T, C])`, as attention's heads are) or tensors created with a batch-sized
+shape (`zeros([B, H])`); loading probes the lifted model at two other batches and, if it
+still fails, says so and how to re-export. A leading entry that merely equals the batch
+by coincidence is taken to be the batch (with a batch-1 export `x.view(1, -1)` and
+`x.view(x.shape[0], -1)` are the same graph).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import fx
+
+from compressor.errors import InputError
 
 aten = torch.ops.aten
 
@@ -76,7 +80,7 @@ def _rewrite_shape_(graph, node, batch, lead, first_input) -> bool:
         return False
     if src in lead:
         size_of = src
-    elif node.target in _EXPAND_OPS and batch > 1 and _dim0(src) == 1:
+    elif node.target in _EXPAND_OPS and _dim0(src) == 1:
         size_of = first_input  # a singleton broadcast to exactly the batch, e.g. a class token
     else:
         return False
@@ -90,3 +94,28 @@ def _rewrite_shape_(graph, node, batch, lead, first_input) -> bool:
 def _dim0(node) -> int | None:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return val.shape[0] if isinstance(val, torch.Tensor) and val.dim() > 0 else None
+
+
+def check_any_batch(model: fx.GraphModule, path: str, hint: str) -> None:
+    """Runs a lifted program exported at a fixed batch at two other batch sizes.
+
+    Raises:
+        InputError: it still fails there (a batch this module could not free); the
+            message says how to re-export with a dynamic batch (`hint`).
+    """
+    batch = static_batch(model.graph)
+    inputs = [n.meta["val"] for n in model.graph.nodes if n.op == "placeholder"]
+    if batch is None or len(inputs) != 1:
+        return
+    for probe in sorted({1, batch + 1} - {batch}):
+        sample = torch.zeros(probe, *inputs[0].shape[1:], dtype=inputs[0].dtype)
+        try:
+            with torch.no_grad():
+                model(sample)
+        except Exception as exc:  # whatever op still holds the export batch
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise InputError(
+                f"{path!r} was exported with its batch fixed at {batch} and fails at batch "
+                f"{probe} ({type(exc).__name__}: {first}); re-export it with a dynamic "
+                f"batch, {hint}"
+            ) from None

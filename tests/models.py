@@ -433,3 +433,16 @@ class ViewFlattenNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.conv(x))
         return self.fc(x.view(x.shape[0], -1))
+
+
+class FoldedBatchNet(nn.Module):
+    """Folds the batch into rows (`view(B * 8, 8)`): a static export of it cannot be freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.row = nn.Linear(8, 4)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.row(x.reshape(x.shape[0] * 8, 8))
+        return self.fc(rows.reshape(x.shape[0], -1))

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from cli.main import cli
 from compressor.io import TO_PT2_HINT, load_model
 from compressor.train import evaluate, train_dense
-from tests.models import ViewFlattenNet
+from tests.models import FoldedBatchNet, ViewFlattenNet
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,17 @@ def test_dynamic_exports_are_left_alone(tmp_path, view_net):
 
 def test_the_export_hint_shows_a_dynamic_batch():
     assert 'dynamic_shapes=({0: torch.export.Dim("batch")},)' in TO_PT2_HINT
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_batch_that_cannot_be_freed_is_bad_input_with_the_fix(tmp_path, batch):
+    model = FoldedBatchNet().eval()
+    path = tmp_path / "folded.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(batch, 1, 8, 8),)), str(path))
+    result = _run("info", path)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"Error: '{path}' was exported with its batch fixed at {batch} and fails at batch "
+    )
+    assert 'dynamic_shapes=({0: torch.export.Dim("batch")},)' in lines[0]
