@@ -157,9 +157,10 @@ def _archive_problems(archive: zipfile.ZipFile) -> list[str]:
         match = _CONFIG.match(rel)
         if match and match.group(1) == match.group(3):
             problems += _config_problems(archive, name, match.group(1), raw)
+    named = {problem.split(" (", 1)[0] for problem in problems}
     for name in names:
         rel = name[len(root) + 1 :] if root and name.startswith(root + "/") else None
-        if rel is not None and not _entry_ok(archive, name, rel, raw):
+        if rel is not None and name not in named and not _entry_ok(archive, name, rel, raw):
             problems.append(f"{name} (not an entry compressor can vet)")
     return problems
 

@@ -249,3 +249,11 @@ def test_safetensors_header_of_wrong_type_exits_2(tmp_path):
     assert result.exit_code == 2, result.output
     assert f"Error: '{path}' is a damaged safetensors file: " in result.output
     assert "expected a string" in result.output
+
+
+def test_a_pickled_weight_is_named_once_with_its_name(tmp_path, const_pt2):
+    evil, entry = _pickled_weight(const_pt2, tmp_path / "evil.pt2", tmp_path / "ran")
+    with pytest.raises(InputError) as info:
+        load_model(evil)
+    message = str(info.value)
+    assert message.count(entry) == 1 and f"{entry} (weight 'fc.weight', pickled)" in message
