@@ -13,6 +13,10 @@ import torch
 
 from compressor.budget import BUDGET_FORMS, Budget, parse_budget, parse_sparsity
 from compressor.errors import CompressorError, InputError
+from compressor.user_code import RUNS_CODE
+
+# appended to every --data help: a MODULE:FN spec runs the user's code, as --arch does
+DATA_RUNS_CODE = f" PKG.MODULE:FN {RUNS_CODE}."
 
 
 class Failure(click.ClickException):
@@ -109,12 +113,13 @@ def model_options(fn):
     fn = click.option(
         "--trust-pickle",
         is_flag=True,
-        help="Allow loading a fully pickled module (runs code from the file).",
+        help="Allow what runs code from the model file: a fully pickled module, or pickled "
+        "entries in a .pt2 (refused without this flag).",
     )(fn)
     return click.option(
         "--arch",
         metavar="NAME|MODULE:FN",
-        help="Architecture for a state_dict: a zoo name or package.module:factory.",
+        help=f"Architecture for a state_dict: a zoo name, or PKG.MODULE:FN, which {RUNS_CODE}.",
     )(fn)
 
 

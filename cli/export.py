@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from cli.common import (
+    DATA_RUNS_CODE,
     ShapeType,
     emit_json,
     example_inputs,
@@ -85,7 +86,10 @@ def _block(ctx, param, value):
     help="CSR: auto packs a weight as CSR when smaller than dense; all packs every "
     "Conv/Linear weight [default: auto].",
 )
-@click.option("--data", help="Data spec for the sample inputs (else the recorded input shape).")
+@click.option(
+    "--data",
+    help="Data spec for the sample inputs (else the recorded input shape)." + DATA_RUNS_CODE,
+)
 @click.option("--input-shape", type=ShapeType(), help="Per-sample input shape, e.g. 1x28x28.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors

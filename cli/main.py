@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from cli.common import (
+    DATA_RUNS_CODE,
     BudgetType,
     ShapeType,
     SparsityType,
@@ -52,7 +53,9 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 )
 @click.argument("model", type=click.Path(dir_okay=False))
 @model_options
-@click.option("--data", help="Data spec giving the input shape (else the recorded one).")
+@click.option(
+    "--data", help="Data spec giving the input shape (else the recorded one)." + DATA_RUNS_CODE
+)
 @click.option("--input-shape", type=ShapeType(), help="Per-sample input shape, e.g. 1x28x28.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
@@ -73,7 +76,11 @@ def info(model, arch, trust_pickle, data, input_shape, as_json):
     epilog="\b\nExample:\n  compress train --arch lenet5 --data digits --epochs 10 -o lenet5.pt2"
 )
 @click.option("--arch", required=True, help="Zoo architecture (see `compress list`).")
-@click.option("--data", required=True, help="Labelled data spec, e.g. digits or fashion-mnist.")
+@click.option(
+    "--data",
+    required=True,
+    help="Labelled data spec, e.g. digits or fashion-mnist." + DATA_RUNS_CODE,
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
@@ -152,7 +159,7 @@ def _pct(value) -> str:
     type=click.Choice(["weights", "flops", "volume"]),
     help="What --budget counts (default: the method's own).",
 )
-@click.option("--data", help="Data spec for calibration / training (e.g. digits).")
+@click.option("--data", help="Data spec for calibration / training (e.g. digits)." + DATA_RUNS_CODE)
 @click.option(
     "--exclude", multiple=True, metavar="GLOB", help="Module paths never pruned (repeatable)."
 )
@@ -376,7 +383,7 @@ def _coerce(raw: str, default, key: str):
 @cli.command(epilog="\b\nExample:\n  compress eval lenet5-magnitude-global.pt2 --data digits")
 @click.argument("model", type=click.Path(dir_okay=False))
 @model_options
-@click.option("--data", required=True, help="Labelled data spec.")
+@click.option("--data", required=True, help="Labelled data spec." + DATA_RUNS_CODE)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def eval(model, arch, trust_pickle, data, as_json):  # noqa: A001  (the command's name)

@@ -23,9 +23,7 @@ and ``val_fraction`` of the rest becomes validation; fashion-mnist keeps its off
 
 from __future__ import annotations
 
-import importlib
 import math
-import re
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -40,6 +38,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from compressor import filebounds
 from compressor.errors import CompressorWarning, InputError
 from compressor.idx import find_fashion_files, read_fashion_mnist
+from compressor.user_code import SPEC as MODULE_SPEC
+from compressor.user_code import call_spec
 
 __all__ = ["Data", "load_data"]
 
@@ -53,7 +53,6 @@ TEST_FRACTION = 0.2
 # Enough random inputs for calibration statistics, small enough to be instant.
 SYNTHETIC_COUNT = 512
 SYNTHETIC_DEFAULT_SHAPE = (1, 28, 28)
-_MODULE_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
 @dataclass
@@ -169,7 +168,7 @@ def _dispatch(spec: str) -> Callable[[str, _Options], Data]:
         return with_argument[spec.partition(":")[0]]
     if spec.lower().endswith((".npz", ".pt")):
         return _load_file
-    if _MODULE_SPEC.match(spec):
+    if MODULE_SPEC.match(spec):
         return _load_module
     raise InputError(f"data spec {spec!r} not recognised; use one of: {SPEC_FORMS}")
 
@@ -337,24 +336,13 @@ def _check_labels(y: torch.Tensor, count: int, key: str, spec: str) -> torch.Ten
 
 
 def _load_module(spec: str, opts: _Options) -> Data:
-    module_name, func_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # any import-time failure is the user's module, not ours
-        raise InputError(
-            f"cannot import module {module_name!r} from {spec!r} ({exc!r}); check the name "
-            "and that its folder is on PYTHONPATH"
-        ) from exc
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise InputError(f"module {module_name!r} has no function {func_name!r} (spec {spec!r})")
     if opts.limit is not None:
         warnings.warn(
             f"limit={opts.limit} is ignored for {spec!r}: its loaders arrive already built",
             CompressorWarning,
             stacklevel=3,
         )
-    result = func()
+    result = call_spec(spec, "--data")
     if isinstance(result, Data):
         return result
     return _data_from_loaders(spec, _loaders_of(result, spec), opts.seed)

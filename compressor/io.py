@@ -7,11 +7,9 @@ touch the file a model was loaded from.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import pickle
-import sys
 import tempfile
 import warnings
 import zipfile
@@ -25,14 +23,16 @@ from torch import nn
 from compressor import zoo
 from compressor.errors import CompressorError, InputError
 from compressor.lift import lift
+from compressor.meta import META_FILE, META_FORMAT, META_VERSION, parse_meta
+from compressor.pt2_check import check_program_targets, check_pt2_archive
+from compressor.static_batch import check_any_batch
+from compressor.user_code import call_spec
 
-META_FILE = "compressor.json"
-META_FORMAT = "compressor.pt2"
-META_VERSION = 1
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth")
 TO_PT2_HINT = (
-    "in Python: torch.export.save(torch.export.export(model.eval(), (example_input,)), "
-    "'model.pt2'), or save model.state_dict() and pass --arch"
+    "in Python: torch.export.save(torch.export.export(model.eval(), (example_input,), "
+    "dynamic_shapes=({0: torch.export.Dim(\"batch\")},)), 'model.pt2'), "
+    "or save model.state_dict() and pass --arch"
 )
 
 
@@ -99,7 +99,8 @@ def load_model(
     Args:
         path: the model file.
         arch: zoo name or `package.module:factory`, needed for state_dicts.
-        trust_pickle: allow unpickling a whole module (runs code from the file).
+        trust_pickle: allow what runs code from the file: unpickling a whole module, or
+            the pickled entries and Python calls of a .pt2 (refused without it).
         input_shape: per-sample input shape, used to build zoo models for their data.
         num_classes: classes of the data, when known (else read from the weights).
 
@@ -109,7 +110,7 @@ def load_model(
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "pt2":
-        return _load_pt2(path)
+        return _load_pt2(path, trust_pickle)
     if fmt == "torchscript":
         raise InputError(
             f"{str(path)!r} is a TorchScript archive, which compressor cannot prune; "
@@ -118,11 +119,13 @@ def load_model(
     if fmt == "onnx":
         raise InputError(f"{str(path)!r} is an ONNX model; ONNX input is not supported yet")
     if fmt == "safetensors":
-        return _from_state_dict(_read_safetensors(path), path, arch, input_shape, num_classes)
+        return _load_safetensors(path, arch, input_shape, num_classes)
     return _load_torch_save(path, arch, trust_pickle, input_shape, num_classes)
 
 
-def _load_pt2(path: Path) -> Loaded:
+def _load_pt2(path: Path, trust_pickle: bool = False) -> Loaded:
+    if not trust_pickle:
+        check_pt2_archive(path)
     extra = {META_FILE: ""}
     with warnings.catch_warnings():
         # torch's own deserialiser trips its LeafSpec deprecation; not the user's concern
@@ -130,9 +133,13 @@ def _load_pt2(path: Path) -> Loaded:
         try:
             program = torch.export.load(str(path), extra_files=extra)
         except Exception as exc:  # torch raises many types for a damaged archive
-            raise InputError(f"{str(path)!r} is a damaged .pt2 file: {exc}") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{str(path)!r} is a damaged .pt2 file: {first}") from None
+        if not trust_pickle:
+            check_program_targets(program, path)
         model = lift(program)
-    meta = json.loads(extra[META_FILE]) if extra[META_FILE] else {}
+        check_any_batch(model, str(path), TO_PT2_HINT)
+    meta = parse_meta(extra[META_FILE], path)
     shape = meta.get("input_shape") or _program_input_shape(program)
     model.input_shape = tuple(shape) if shape else None
     return Loaded(model, "pt2", model.input_shape, meta.get("report"), meta)
@@ -147,13 +154,27 @@ def _program_input_shape(program: torch.export.ExportedProgram) -> list[int] | N
     return None
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+def _load_safetensors(path, arch, input_shape, num_classes) -> Loaded:
+    """A state_dict file; the metadata save_model put in it gives its shape and report."""
+    state, meta = _read_safetensors(path)
+    recorded = meta.get("input_shape")
+    shape = input_shape or (tuple(recorded) if recorded else None)
+    loaded = _from_state_dict(state, path, arch, shape, num_classes)
+    loaded.report = meta.get("report")
+    return loaded
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), parse_meta(metadata.get(META_FILE), path)
     except (SafetensorError, OSError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
         raise InputError(f"{str(path)!r} is a damaged safetensors file: {exc}") from None
 
 
@@ -247,16 +268,7 @@ def _infer_io(probe: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, in
 
 
 def _call_factory(spec: str) -> nn.Module:
-    module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # so `--arch mymodels:net` finds ./mymodels.py
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise InputError(
-            f"--arch {spec!r}: cannot import {attr!r} from {module_name!r}: {exc}"
-        ) from None
-    model = factory()
+    model = call_spec(spec, "--arch")
     if not isinstance(model, nn.Module):
         raise InputError(f"--arch {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model

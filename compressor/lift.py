@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
+from compressor.static_batch import free_static_batch_
+
 aten = torch.ops.aten
 
 
@@ -142,7 +144,30 @@ def lift(program: torch.export.ExportedProgram) -> fx.GraphModule:
     original model's. Ops that have no layer equivalent stay as they are.
     """
     flat = program.module()
+    attrs, constants = _flat_attrs(flat)
+    graph, modules = _lifted_graph(flat, attrs)
+    free_static_batch_(graph)  # a program exported at a fixed batch runs at any batch
+    root = _root_module(graph, modules, attrs, constants)
+    lifted_gm = fx.GraphModule(root, graph)
+    _unpersist_constants_(lifted_gm, constants)
+    lifted_gm.recompile()
+    return lifted_gm.eval()  # exported programs are inference graphs
+
+
+def _flat_attrs(flat: fx.GraphModule) -> tuple[dict, set[str]]:
+    """Every tensor the graph reads by get_attr, and which of them are lifted constants."""
     attrs = dict(flat.named_parameters()) | dict(flat.named_buffers())
+    constants = set()
+    for node in flat.graph.nodes:
+        if node.op == "get_attr" and node.target not in attrs:
+            # lifted tensor constants are plain attributes, neither parameter nor buffer
+            attrs[node.target] = _get_path(flat, node.target)
+            constants.add(node.target)
+    return attrs, constants
+
+
+def _lifted_graph(flat: fx.GraphModule, attrs: dict) -> tuple[fx.Graph, dict[str, nn.Module]]:
+    """A copy of `flat`'s graph with each liftable call replaced by a call_module."""
     graph = fx.Graph()
     graph._codegen = copy.deepcopy(flat.graph._codegen)  # keeps the pytree in/out structure
     env: dict[fx.Node, fx.Node] = {}
@@ -161,10 +186,7 @@ def lift(program: torch.export.ExportedProgram) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)  # taken over by a lifted layer
-    root = _root_module(graph, modules, attrs)
-    lifted_gm = fx.GraphModule(root, graph)
-    lifted_gm.recompile()
-    return lifted_gm.eval()  # exported programs are inference graphs
+    return graph, modules
 
 
 def _lift_node(node: fx.Node, attrs: dict) -> tuple[str, nn.Module] | None:
@@ -178,7 +200,9 @@ def _lift_node(node: fx.Node, attrs: dict) -> tuple[str, nn.Module] | None:
     return None if module is None else (fqn, module)
 
 
-def _root_module(graph: fx.Graph, modules: dict[str, nn.Module], attrs: dict) -> nn.Module:
+def _root_module(
+    graph: fx.Graph, modules: dict[str, nn.Module], attrs: dict, constants: set[str]
+) -> nn.Module:
     """An nn.Module tree holding the lifted layers and the attributes still read by get_attr."""
     root = nn.Module()
     for fqn, module in modules.items():
@@ -186,14 +210,33 @@ def _root_module(graph: fx.Graph, modules: dict[str, nn.Module], attrs: dict) ->
     for node in graph.nodes:
         if node.op == "get_attr":
             value = attrs[node.target]
-            _set_path(root, node.target, value, _setter(value))
+            _set_path(root, node.target, value, _setter(value, node.target not in constants))
     return root
 
 
-def _setter(value) -> Callable:
+def _setter(value, persistent: bool) -> Callable:
     if isinstance(value, nn.Parameter):
         return lambda parent, name, v: parent.register_parameter(name, v)
-    return lambda parent, name, v: parent.register_buffer(name, v)
+    return lambda parent, name, v: parent.register_buffer(name, v, persistent=persistent)
+
+
+def _unpersist_constants_(gm: fx.GraphModule, constants: set[str]) -> None:
+    """Keeps lifted tensor constants out of the state_dict, as in the exported program.
+
+    fx.GraphModule copies every get_attr tensor in as a persistent buffer.
+    """
+    for fqn in constants:
+        owner, _, name = fqn.rpartition(".")
+        module = gm.get_submodule(owner)
+        if name in module._buffers:
+            module._non_persistent_buffers_set.add(name)
+
+
+def _get_path(root: nn.Module, fqn: str):
+    value = root
+    for part in fqn.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _set_path(root: nn.Module, fqn: str, value, setter: Callable) -> None:

@@ -405,3 +405,44 @@ def _norm_hook(masked: dict):
         return out.index_fill(entry[2], entry[1], 0.0)
 
     return hook
+
+
+# --- trust-pt2: a model with a lifted tensor constant; a flatten-by-view CNN ----------
+
+
+class ConstNet(nn.Module):
+    """Linear plus a plain tensor attribute, which torch.export stores as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.offset = torch.linspace(-1.0, 1.0, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)) + self.offset
+
+
+class ViewFlattenNet(nn.Module):
+    """A digits CNN that flattens with `x.view(x.shape[0], -1)`, frozen by a static export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        return self.fc(x.view(x.shape[0], -1))
+
+
+class FoldedBatchNet(nn.Module):
+    """Folds the batch into rows (`view(B * 8, 8)`): a static export of it cannot be freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.row = nn.Linear(8, 4)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.row(x.reshape(x.shape[0] * 8, 8))
+        return self.fc(rows.reshape(x.shape[0], -1))
