@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,14 @@ def test_json_is_global_and_per_command(tmp_path, lenet5_pt2, command):
     with pytest.raises(json.JSONDecodeError):
         json.loads(plain.stdout)
     assert json.loads(global_.stdout) == json.loads(per_command.stdout)
+
+
+def test_every_command_help_shows_an_example():
+    """DESIGN.md: `compress --help` and every subcommand's --help show an example."""
+    runner = CliRunner()
+    assert "Examples:" in runner.invoke(cli, ["--help"]).output
+    for name in sorted(cli.commands):
+        result = runner.invoke(cli, [name, "--help"], catch_exceptions=False)
+        assert result.exit_code == 0, name
+        assert re.search(rf"Examples?:\n\s+compress {name}\b", result.output), name
+    assert "--budget 4x" in runner.invoke(cli, ["prune", "--help"]).output
