@@ -7,9 +7,9 @@ import json
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
 from compressor.budget import BUDGET_FORMS, Budget, parse_budget, parse_sparsity
 from compressor.errors import CompressorError, InputError
@@ -17,6 +17,9 @@ from compressor.user_code import RUNS_CODE
 
 # appended to every --data help: a MODULE:FN spec runs the user's code, as --arch does
 DATA_RUNS_CODE = f" PKG.MODULE:FN {RUNS_CODE}."
+
+if TYPE_CHECKING:  # torch is imported where a command needs it: `--help` stays fast
+    import torch
 
 
 class Failure(click.ClickException):
@@ -141,6 +144,8 @@ def load(model_path: str, arch: str | None, trust_pickle: bool, data=None, input
 
 def check_fits(model: torch.nn.Module, data) -> None:
     """Runs one sample of `data` through `model`; a shape mismatch is the user's input error."""
+    import torch
+
     sample = data.sample_inputs(2)
     try:
         with torch.no_grad():
@@ -172,11 +177,26 @@ def load_data_spec(spec: str | None, **kwargs):
 
 def example_inputs(loaded, data) -> tuple[torch.Tensor]:
     """A batch-2 sample for export/stats: from the data, else zeros of the recorded shape."""
+    import torch
+
     if data is not None:
         return (data.sample_inputs(2),)
     if loaded.input_shape:
         return (torch.zeros(2, *loaded.input_shape),)
     raise InputError("the model's input shape is unknown; pass --data SPEC or --input-shape CxHxW")
+
+
+def json_default_map(ctx: click.Context) -> dict:
+    """`compress --json CMD`: a default map that turns on the --json of every command having one.
+
+    Merged over any default map already given, so an explicit `--json` or a caller's
+    defaults still apply.
+    """
+    defaults = dict(ctx.default_map or {})
+    for name, command in getattr(ctx.command, "commands", {}).items():
+        if any(param.name == "as_json" for param in command.params):
+            defaults[name] = {**defaults.get(name, {}), "as_json": True}
+    return defaults
 
 
 def emit_json(obj) -> None:

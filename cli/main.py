@@ -18,6 +18,7 @@ from cli.common import (
     emit_json,
     example_inputs,
     handle_errors,
+    json_default_map,
     load,
     load_data_spec,
     method_options,
@@ -38,14 +39,22 @@ Examples:
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output (same as a command's --json)."
+)
 @click.version_option(package_name="compressor")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def cli(ctx: click.Context, debug: bool, quiet: bool, as_json: bool) -> None:
     """Compress trained PyTorch models for edge deployment."""
-    from compressor.train import set_quiet
-
     ctx.obj = {"debug": debug}
-    set_quiet(quiet)
+    if as_json:
+        ctx.default_map = json_default_map(ctx)
+    # compressor.train imports torch; before it is imported its bars are on by default, so
+    # only --quiet (or a second run in one process, as in tests) needs it here
+    if quiet or "compressor.train" in sys.modules:
+        from compressor.train import set_quiet
+
+        set_quiet(quiet)
 
 
 @cli.command(
@@ -148,7 +157,15 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-@cli.command(epilog=EPILOG)
+PRUNE_EPILOG = """\b
+Examples:
+  compress prune lenet5.pt2 --method magnitude-global --sparsity 0.9 --data digits
+  compress prune lenet5.pt2 --method bar --budget 4x --data digits
+  compress prune lenet5.pt2 --method gss --variant structure --budget 4x --data digits
+"""
+
+
+@cli.command(epilog=PRUNE_EPILOG)
 @click.argument("model", type=click.Path(dir_okay=False))
 @model_options
 @click.option("--method", "-m", required=True, help="Method name (see `compress list`).")
@@ -244,12 +261,12 @@ def prune(
             )
     distributed.init_from_env()
     cls = get_method(method)
-    target = _resolve_budget(budget, sparsity, budget_metric, cls)
+    config = _parse_settings(settings, cls) | _method_flags(method_opts, cls)
+    config |= {"exclude": tuple(exclude)} if exclude else {}
+    target = _resolve_budget(budget, sparsity, budget_metric, cls, config)
     data_obj = load_data_spec(data, seed=seed)
     loaded = load(model, arch, trust_pickle, data_obj)
     output = output or str(default_output(model, method))
-    config = _parse_settings(settings, cls) | _method_flags(method_opts, cls)
-    config |= {"exclude": tuple(exclude)} if exclude else {}
     if cls.needs != "nothing" and data_obj is None:
         raise InputError(f"method {method!r} needs --data (it uses {cls.needs})")
     test_loader = (
@@ -334,14 +351,14 @@ def _method_flags(values: dict, cls) -> dict:
     return given
 
 
-def _resolve_budget(budget, sparsity, metric, cls):
+def _resolve_budget(budget, sparsity, metric, cls, config: dict):
     from compressor.budget import Budget
 
     if (budget is None) == (sparsity is None):
         raise click.UsageError("give exactly one of --budget (e.g. 4x) or --sparsity (e.g. 0.9)")
     if sparsity is not None:
         return sparsity
-    return Budget(metric or cls.metrics[0], budget.keep)
+    return Budget(metric or cls.default_metric(config), budget.keep)
 
 
 def _parse_settings(settings: tuple[str, ...], cls) -> dict:
@@ -424,32 +441,33 @@ def demo(out, sparsity, epochs):
     run_demo(out, sparsity, epochs)
 
 
-@cli.command(name="list")
+@cli.command(name="list", epilog="\b\nExample:\n  compress list")
 @handle_errors
 def list_cmd():
     """List the registered methods (with their options) and zoo architectures."""
-    import dataclasses
+    from compressor.catalog import catalog
 
-    from compressor.methods import get_method, list_methods
-    from compressor.zoo import list_archs
-
+    listing = catalog()  # without importing torch while the generated catalog is fresh
     click.echo("methods:")
-    for name in list_methods():
-        cls = get_method(name)
-        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config))
-        click.echo(f"  {name:<20} budget on {'/'.join(cls.metrics)}; needs {cls.needs}; {options}")
-    click.echo("architectures: " + ", ".join(list_archs()))
+    for name, info in listing["methods"].items():
+        options = ", ".join(info["options"])
+        click.echo(
+            f"  {name:<20} budget on {'/'.join(info['metrics'])}; needs {info['needs']}; {options}"
+        )
+    click.echo("architectures: " + ", ".join(listing["archs"]))
 
 
 cli.add_command(export)
 
 
 def main() -> None:
-    from compressor import distributed
+    from compressor.launch_env import launched
 
-    if not distributed.launched():
+    if not launched():
         cli(prog_name="compress")
         return
+    from compressor import distributed
+
     try:
         cli(prog_name="compress")
     except SystemExit as exc:  # click ends every run with one

@@ -67,7 +67,23 @@ def _print_report(report: dict) -> None:
     click.echo("report:")
     for key in keys:
         if key in report and report[key] is not None:
-            click.echo(f"  {key}: {report[key]}")
+            click.echo(f"  {key}: {format_value(report[key])}")
+
+
+def format_value(value, nested: bool = False) -> str:
+    """A report value for people: floats to 4 significant digits (0.1, not 0.09999999999999998).
+
+    A dict prints as `key: value, ...` (in braces when nested), a list as `[a, b]`, their
+    floats shortened alike; `--json` keeps the full precision.
+    """
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    if isinstance(value, dict):
+        text = ", ".join(f"{k}: {format_value(v, True)}" for k, v in value.items())
+        return "{" + text + "}" if nested else text
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v, True) for v in value) + "]"
+    return str(value)
 
 
 def print_prune_summary(report: dict, output: str) -> None:

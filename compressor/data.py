@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
 from compressor import filebounds
@@ -437,6 +436,8 @@ def _split_indices(y: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndar
         return np.random.default_rng(seed).permutation(indices), indices[:0]
     if len(y) < 2:
         raise InputError(f"cannot split {len(y)} sample(s) by {fraction}; provide more data")
+    from sklearn.model_selection import train_test_split  # 2-3 s to import: only when splitting
+
     stratify = y.numpy() if _can_stratify(y, fraction) else None
     keep, held = train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
     return keep, held

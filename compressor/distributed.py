@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from compressor.errors import CompressorError, InputError
+from compressor.launch_env import launched, world_size_from_env  # noqa: F401  (public here)
 
 
 def backend() -> str:
@@ -58,16 +59,6 @@ def world_size() -> int:
 def is_main() -> bool:
     """Rank 0, or a single-process run: the one process that writes and prints."""
     return rank() == 0
-
-
-def world_size_from_env() -> int:
-    """The number of processes a launcher (ours or torchrun) started; 1 without one."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def launched() -> bool:
-    """True when a launcher (ours or torchrun) started this process as one of several."""
-    return world_size_from_env() > 1
 
 
 def init_from_env() -> bool:

@@ -289,9 +289,10 @@ def test_structure_keeps_every_input_feature_with_inputs_off(small_digits):
 
 def test_bad_configurations_name_the_fix():
     model = _tiny_mlp()
-    with pytest.raises(InputError, match="--budget-metric flops"):
+    # the hint restates the user's own budget (once always "8x", whatever was asked)
+    with pytest.raises(InputError, match=r"not weights: give --budget 10x \(FLOPs is the default"):
         Gss(model, Budget("weights", 0.1), variant="structure")
-    with pytest.raises(InputError, match="--sparsity"):
+    with pytest.raises(InputError, match="not flops: give --sparsity 0.9$"):
         Gss(model, Budget("flops", 0.1), variant="element")
     with pytest.raises(InputError, match="both --p and --q"):
         Gss(model, Budget("weights", 0.1), p=1.0)
@@ -332,3 +333,30 @@ def test_cli_prune_element(tmp_path, lenet5_pt2):
     data = json.loads(report.read_text())
     assert data["method"] == "gss" and data["config"]["lambda_"] == 1e-5
     assert abs(data["achieved"]["sparsity"] - 0.9) < 1e-4 and out.exists()
+
+
+def test_structure_variant_budgets_flops_by_default():
+    assert Gss.default_metric({"variant": "structure"}) == "flops"
+    assert Gss.default_metric({"variant": "element"}) == "weights"
+    assert Gss.default_metric({}) == "weights"  # auto: a bare 4x is a weights budget
+
+
+def test_cli_prune_structure_with_a_bare_budget(tmp_path, lenet5_pt2):
+    """`--variant structure --budget 4x` (no --budget-metric) removes channels to 1/4 FLOPs."""
+    out, report = tmp_path / "gss.pt2", tmp_path / "report.json"
+    args = [lenet5_pt2, "--method", "gss", "--variant", "structure", "--budget", "4x"]
+    args += ["--data", "digits", "--epochs", "1", "--finetune-epochs", "1", "-o", out]
+    args += ["--report", report]
+    result = CliRunner().invoke(cli, ["prune", *map(str, args)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["budget"] == {"metric": "flops", "keep": 0.25, "factor": 4.0}
+    assert abs(data["achieved"]["keep"] - 0.25) <= 0.005 and data["variant"] == "structure"
+
+
+def test_cli_structure_with_a_weights_budget_names_the_fix(lenet5_pt2):
+    args = [lenet5_pt2, "--method", "gss", "--variant", "structure", "--budget", "5x"]
+    args += ["--budget-metric", "weights", "--data", "digits"]
+    result = CliRunner().invoke(cli, ["prune", *map(str, args)], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert "give --budget 5x (FLOPs is the default for this variant)" in result.output

@@ -113,6 +113,11 @@ class Method:
                 + (f" outside --exclude {self.config.exclude}" if self.config.exclude else "")
             )
 
+    @classmethod
+    def default_metric(cls, config: dict) -> str:
+        """What a budget without a metric (`--budget 4x`) counts, given the config overrides."""
+        return cls.metrics[0]
+
     def prepare(self) -> None:
         """Installs the method's machinery on the model."""
 
@@ -263,7 +268,7 @@ def prune(
     """
     cls = get_method(method)
     if not isinstance(budget, Budget):
-        budget = parse_budget(budget, metric=cls.metrics[0])
+        budget = parse_budget(budget, metric=cls.default_metric(config))
     if cls.needs != "nothing" and data is None:
         raise InputError(f"method {method!r} needs data ({cls.needs}); pass --data SPEC")
     torch.manual_seed(seed)

@@ -49,6 +49,7 @@ from compressor.surgery.select import input_feature_layers, select_inputs_, with
 from compressor.train import fit
 
 if TYPE_CHECKING:
+    from compressor.budget import Budget
     from compressor.data import Data
 
 VARIANTS = ("auto", "element", "structure")
@@ -68,7 +69,8 @@ class GssConfig(MethodConfig):
     """GSS hyper-parameters; each default names its source."""
 
     # element: sparse weights (a --sparsity budget); structure: channels removed to a FLOP
-    # budget (--budget 8x --budget-metric flops). auto: picked by the budget's metric.
+    # budget (--budget 8x: FLOPs is this variant's default metric). auto: picked by the
+    # budget's metric.
     variant: str = "auto"
     regulariser: str = "gss"  # or a Table-1 baseline: lasso, l2, exclusive-lasso, group-lasso
     norms: str = "212"  # main paper (l2-l1-l2) and both of the authors' scripts; 121: supplement
@@ -109,9 +111,14 @@ class Gss(Method):
     demo_config = {"epochs": 4, "finetune_epochs": 2}
     smoke_config = {"epochs": 1, "finetune_epochs": 1}
 
+    @classmethod
+    def default_metric(cls, config: dict) -> str:
+        """FLOPs for the structure variant (it removes channels), weights otherwise."""
+        return "flops" if config.get("variant") == "structure" else "weights"
+
     def __init__(self, model, budget, config=None, **overrides):
         super().__init__(model, budget, config, **overrides)
-        self.variant = _check_config(self.config, budget.metric)
+        self.variant = _check_config(self.config, budget)
         cfg = self.config
         self.aux = cfg.regulariser == "gss" and cfg.p > 0
         self.groups = None  # channel groups of the model (None: tracing failed, element only)
@@ -331,7 +338,7 @@ class Gss(Method):
         return "deep-gss-212" if self.variant == "structure" else "gss-element"
 
 
-def _check_config(cfg: GssConfig, metric: str) -> str:
+def _check_config(cfg: GssConfig, budget: Budget) -> str:
     """Validates the choices; returns the variant the budget and config ask for."""
     for field, allowed in CHOICES.items():
         if getattr(cfg, field) not in allowed:
@@ -344,13 +351,17 @@ def _check_config(cfg: GssConfig, metric: str) -> str:
         raise InputError("gss: --lambda and eps must be >= 0 and ratio > 0")
     variant = cfg.variant
     if variant == "auto":
-        variant = "structure" if metric == "flops" else "element"
-    if variant == "element" and metric != "weights":
-        raise InputError("gss --variant element prunes weights: give --sparsity (e.g. 0.9)")
-    if variant == "structure" and metric != "flops":
+        variant = "structure" if budget.metric == "flops" else "element"
+    # the hints restate the user's own budget in the form the variant takes
+    if variant == "element" and budget.metric != "weights":
         raise InputError(
-            "gss --variant structure removes channels to a FLOP budget: "
-            "give --budget 8x --budget-metric flops"
+            f"gss --variant element prunes weights, not {budget.metric}: "
+            f"give --sparsity {budget.sparsity:.4g}"
+        )
+    if variant == "structure" and budget.metric != "flops":
+        raise InputError(
+            f"gss --variant structure removes channels to a FLOP budget, not {budget.metric}: "
+            f"give --budget {budget.factor:.4g}x (FLOPs is the default for this variant)"
         )
     return variant
 
