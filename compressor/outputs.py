@@ -84,13 +84,14 @@ def output_index(out, spec: OutputSpec = None) -> int:
     index = int(spec) if isinstance(spec, str) and spec.lstrip("-").isdigit() else spec
     if isinstance(index, int) and not isinstance(index, bool) and -len(named) <= index < len(named):
         return index % len(named)
-    listing = ", ".join(
-        f"{i} ({name!r}, shape {list(t.shape)})" for i, (name, t) in enumerate(named)
-    )
     raise InputError(
-        f"the model has no output {spec!r}; its outputs are {listing}: choose one by index "
-        "or name with --task-output"
+        f"the model has no output {spec!r}; its outputs are {_listing(named)}: choose one by "
+        "index or name with --task-output"
     )
+
+
+def _listing(named: list[tuple[str, torch.Tensor]]) -> str:
+    return ", ".join(f"{i} ({name!r}, shape {list(t.shape)})" for i, (name, t) in enumerate(named))
 
 
 def select_output(out, spec: OutputSpec = None) -> torch.Tensor:
@@ -107,13 +108,14 @@ def check_class_logits(out, num_classes: int | None, spec: OutputSpec = None) ->
         InputError: it has another shape; the message names the output and the fix.
     """
     index = output_index(out, spec)
-    name, logits = named_outputs(out)[index]
+    named = named_outputs(out)
+    name, logits = named[index]
     wanted = num_classes or 2
     if logits.dim() != 2 or logits.shape[1] < wanted:
         raise InputError(
             f"model output {index} ({name!r}) has shape {list(logits.shape)}, but the task loss "
-            f"and accuracy need class logits [batch, {wanted} or more]; choose the "
-            "classification output with --task-output INDEX|NAME"
+            f"and accuracy need class logits [batch, {wanted} or more]; the outputs are "
+            f"{_listing(named)}: choose the classification output with --task-output"
         )
     return logits
 
