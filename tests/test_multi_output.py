@@ -149,34 +149,38 @@ def test_surgery_pins_heads_and_slimmed_equals_masked(kind, face_models):
 # --- every method, then both exporters ----------------------------------------------------
 
 
-def _budget(cls) -> Budget:
-    if cls.metrics[0] == "weights":
-        return Budget("weights", 1.0 - SPARSITY)
-    return Budget(cls.metrics[0], 0.5)
+def _budget(metric: str) -> Budget:
+    return Budget("weights", 1.0 - SPARSITY) if metric == "weights" else Budget(metric, 0.5)
+
+
+# every method on its own metric, and GSS's structured variant (a FLOP budget) too
+CASES = [(name, get_method(name).metrics[0]) for name in list_methods()] + [("gss", "flops")]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize(("method", "metric"), CASES, ids=[f"{m}-{b}" for m, b in CASES])
 def test_every_method_and_exporter_on_multi_output(
-    method, kind, face_models, small_digits, tmp_path
+    method, metric, kind, face_models, small_digits, tmp_path
 ):
     cls = get_method(method)
     model = face_models[kind]
     x = small_digits.sample_inputs(4)
     with torch.no_grad():
         dense_heads = _heads(model(x))
-    result = prune(model, method, _budget(cls), small_digits, seed=0, **cls.smoke_config)
+    result = prune(model, method, _budget(metric), small_digits, seed=0, **cls.smoke_config)
     pruned = result.model.eval()
     assert has_machinery(pruned) == []
     with torch.no_grad():
         out = pruned(x)
     assert type(out) is type(model(x)) and _heads(out) == dense_heads  # heads never slimmed
     assert all(torch.isfinite(t).all() for _, t in named_outputs(out))
-    if cls.metrics[0] == "weights":
+    if metric == "weights":
         achieved = 1.0 - result.report["achieved"]["sparsity"]
     else:
         achieved = result.report["achieved"]["keep"]
-    assert abs(achieved - _budget(cls).keep) <= 0.005, achieved
+        dense = sum(p.numel() for p in model.parameters())
+        assert sum(p.numel() for p in pruned.parameters()) < dense  # channels really removed
+    assert abs(achieved - _budget(metric).keep) <= 0.005, achieved
 
     path = save_model(pruned, tmp_path / "p.pt2", example_inputs=(x[:2],), report=result.report)
     runner = CliRunner()
