@@ -19,7 +19,7 @@ from compressor.masks import has_machinery
 from compressor.methods import get_method, list_methods, prune
 from compressor.outputs import distill_loss, named_outputs, select_output, task_output
 from compressor.surgery import channel_groups, mask_, slim_
-from compressor.train import evaluate, kd_loss, train_dense
+from compressor.train import Distill, evaluate, kd_loss, task_loss, train_dense
 from tests import models as toys
 
 SPARSITY = 0.9
@@ -98,6 +98,18 @@ def test_distill_loss_is_kd_on_the_task_output_and_mse_on_the_others():
     assert torch.equal(on_box, F.mse_loss(s_cls, t_cls) + kd_loss(s_box, t_box, 4.0))
     with pytest.raises(InputError, match="2 outputs but the teacher 1"):
         distill_loss((s_cls, s_box), [t_cls], 4.0)
+
+
+def test_task_loss_distils_every_output_and_trains_the_task_one(face_models):
+    torch.manual_seed(0)
+    teacher, student = face_models["dict"], toys.FaceStage(as_dict=True).eval()
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 3, 9, 1])
+    distill = Distill(teacher, temperature=4.0, alpha=0.9)
+    out, t = student(x), teacher(x)
+    kd = kd_loss(out["cls"], t["cls"], 4.0) + F.mse_loss(out["box"], t["box"])
+    want = 0.9 * kd + 0.1 * F.cross_entropy(out["cls"], y)
+    torch.testing.assert_close(task_loss(out, y, x, distill), want, rtol=0, atol=0)
+    torch.testing.assert_close(task_loss(out, y, x, None), F.cross_entropy(out["cls"], y))
 
 
 def test_evaluate_reads_the_chosen_output(face_models, digits):
