@@ -354,7 +354,8 @@ def _output_names(model: nn.Module, example_inputs: tuple) -> list[str]:
         out = model(*example_inputs)
     if isinstance(out, Mapping):
         return [name for name, _ in named_outputs(out)]
-    return _names("output", len(flat_outputs(model, example_inputs)))
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return _names("output", sum(isinstance(leaf, torch.Tensor) for leaf in leaves))
 
 
 def _names(stem: str, count: int) -> list[str]:
