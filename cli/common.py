@@ -126,6 +126,17 @@ def model_options(fn):
     )(fn)
 
 
+def task_output_option(fn):
+    """--task-output: which output of a multi-output model holds the class logits."""
+    return click.option(
+        "--task-output",
+        metavar="INDEX|NAME",
+        callback=lambda ctx, param, value: int(value) if value and value.isdigit() else value,
+        help="The model output the task loss and accuracy use, by index or dict key, for "
+        "models returning a tuple or dict (default: the first output).",
+    )(fn)
+
+
 def load(model_path: str, arch: str | None, trust_pickle: bool, data=None, input_shape=None):
     """Loads a model (sized for `data` when building from a state_dict) and checks it fits."""
     from compressor.io import load_model
@@ -157,6 +168,8 @@ def check_fits(model: torch.nn.Module, data) -> None:
         raise InputError(
             f"data {data.name!r} gives inputs of shape {_fmt(tuple(sample.shape[1:]))}{want}: {first}"
         ) from None
+    if not isinstance(out, torch.Tensor):
+        return  # several outputs: prune and eval check the --task-output one
     if data.num_classes is not None and out.dim() == 2 and out.shape[1] < data.num_classes:
         raise InputError(
             f"data {data.name!r} has {data.num_classes} classes but the model outputs {out.shape[1]}"

@@ -23,6 +23,7 @@ from cli.common import (
     load_data_spec,
     method_options,
     model_options,
+    task_output_option,
 )
 from cli.export import export
 from cli.tables import print_prune_summary, print_stats
@@ -181,6 +182,7 @@ Examples:
     "--exclude", multiple=True, metavar="GLOB", help="Module paths never pruned (repeatable)."
 )
 @method_options
+@task_output_option
 @click.option(
     "--set",
     "settings",
@@ -240,6 +242,7 @@ def prune(
     resume,
     nproc,
     check_ranks,
+    task_output,
     **method_opts,
 ):
     """Compress MODEL with a method to a budget; write a .pt2 with the report embedded."""
@@ -263,6 +266,7 @@ def prune(
     cls = get_method(method)
     config = _parse_settings(settings, cls) | _method_flags(method_opts, cls)
     config |= {"exclude": tuple(exclude)} if exclude else {}
+    config |= {"output": task_output} if task_output is not None else {}
     target = _resolve_budget(budget, sparsity, budget_metric, cls, config)
     data_obj = load_data_spec(data, seed=seed)
     loaded = load(model, arch, trust_pickle, data_obj)
@@ -284,7 +288,7 @@ def prune(
     if written is not None and same_file(written, output):
         raise InputError(f"checkpoint {written!r} is also the output; choose another path")
     main = distributed.is_main()
-    dense_top1 = evaluate(loaded.model, test_loader) if main else None
+    dense_top1 = evaluate(loaded.model, test_loader, task_output) if main else None
     result = run_prune(
         loaded.model,
         method,
@@ -300,7 +304,7 @@ def prune(
         distributed.shutdown()
         return  # rank 0 writes the files and prints
     result.report["dense_top1"] = dense_top1
-    result.report["top1"] = evaluate(result.model, test_loader)
+    result.report["top1"] = evaluate(result.model, test_loader, task_output)
     result.report["source"] = str(model)
     save_model(
         result.model,
@@ -401,9 +405,10 @@ def _coerce(raw: str, default, key: str):
 @click.argument("model", type=click.Path(dir_okay=False))
 @model_options
 @click.option("--data", required=True, help="Labelled data spec." + DATA_RUNS_CODE)
+@task_output_option
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def eval(model, arch, trust_pickle, data, as_json):  # noqa: A001  (the command's name)
+def eval(model, arch, trust_pickle, data, task_output, as_json):  # noqa: A001  (the command's name)
     """Top-1 accuracy of MODEL on the data's test split (validation split if none)."""
     from compressor.errors import InputError
     from compressor.stats import sparsity_of
@@ -414,7 +419,7 @@ def eval(model, arch, trust_pickle, data, as_json):  # noqa: A001  (the command'
         raise InputError(f"data {data!r} has no labels; eval needs labelled data")
     loaded = load(model, arch, trust_pickle, data_obj)
     split = "test" if data_obj.test is not None else "val"
-    top1 = evaluate(loaded.model, data_obj.test or data_obj.val)
+    top1 = evaluate(loaded.model, data_obj.test or data_obj.val, task_output)
     zeros, total = sparsity_of(loaded.model)
     result = {"model": model, "data": data, "split": split, "top1": top1, "sparsity": zeros / total}
     if as_json:

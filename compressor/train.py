@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from compressor import checkpoint as run_checkpoint
 from compressor import distributed
 from compressor.errors import InputError
+from compressor.outputs import OutputSpec, check_class_logits, distill_loss, select_output
 
 _QUIET = False
 
@@ -94,16 +95,21 @@ def cosine_lambda(total_steps: int, warmup_steps: int = 0) -> Callable[[int], fl
     return factor
 
 
-def task_loss(model_out: torch.Tensor, y: torch.Tensor, x: torch.Tensor, distill: Distill | None):
-    """Cross-entropy, or the distillation mix when a teacher is given."""
+def task_loss(model_out, y: torch.Tensor, x: torch.Tensor, distill: Distill | None):
+    """Cross-entropy on the task output, or the distillation mix when a teacher is given.
+
+    `model_out` may hold several outputs (see compressor.outputs): cross-entropy reads the
+    task output, distillation matches every output.
+    """
     if distill is None:
-        return F.cross_entropy(model_out, y)
+        return F.cross_entropy(select_output(model_out), y)
     with torch.no_grad():
         teacher_out = distill.teacher(x)
-    kd = kd_loss(model_out, teacher_out, distill.temperature)
+    kd = distill_loss(model_out, teacher_out, distill.temperature)
     if y is None or (y < 0).any():
         return kd  # unlabelled data: distillation alone
-    return distill.alpha * kd + (1.0 - distill.alpha) * F.cross_entropy(model_out, y)
+    ce = F.cross_entropy(select_output(model_out), y)
+    return distill.alpha * kd + (1.0 - distill.alpha) * ce
 
 
 def fit(
@@ -199,8 +205,13 @@ def _epoch(net, loader, optimizer, scheduler, hooks, done, total, advance):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader | None) -> float | None:
-    """Top-1 accuracy in [0, 1] of `model` on `loader` (None when there is no loader)."""
+def evaluate(
+    model: nn.Module, loader: DataLoader | None, output: OutputSpec = None
+) -> float | None:
+    """Top-1 accuracy in [0, 1] of `model` on `loader` (None when there is no loader).
+
+    `output` picks the model output holding the class logits (default: the first).
+    """
     if loader is None:
         return None
     from compressor.stats import restore_modes, training_modes
@@ -209,7 +220,9 @@ def evaluate(model: nn.Module, loader: DataLoader | None) -> float | None:
     model.eval()
     correct = count = 0
     for x, y in loader:
-        correct += int((model(x).argmax(dim=1) == y).sum())
+        # checked to hold a logit per label: a box head would give a silent wrong answer
+        logits = check_class_logits(model(x), int(y.max()) + 1 if len(y) else None, output)
+        correct += int((logits.argmax(dim=1) == y).sum())
         count += len(y)
     restore_modes(model, modes)
     return correct / count if count else None

@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from torch import nn
 
 from compressor.errors import CompressorError, InputError
 from compressor.io import atomic_write
+from compressor.outputs import named_outputs
 from exporters._common import eval_mode, first_line, flat_outputs
 
 # Tolerance of the onnxruntime check, relative to the output scale (max |PyTorch output|):
@@ -144,7 +145,7 @@ def to_onnx(model: nn.Module, example_inputs: tuple, *, opset: int | None = None
         InputError: the requested opset could not be produced.
         CompressorError: torch.onnx could not export the model.
     """
-    n_outputs = len(flat_outputs(model, example_inputs))
+    output_names = _output_names(model, example_inputs)
     batch = torch.export.Dim("batch")
     try:
         with _quiet_exporter():
@@ -153,7 +154,7 @@ def to_onnx(model: nn.Module, example_inputs: tuple, *, opset: int | None = None
                 tuple(example_inputs),
                 None,
                 input_names=_names("input", len(example_inputs)),
-                output_names=_names("output", n_outputs),
+                output_names=output_names,
                 opset_version=opset,
                 dynamic_shapes=tuple({0: batch} for _ in example_inputs),
                 external_data=False,
@@ -345,6 +346,16 @@ def _serialize(proto: onnx.ModelProto) -> bytes:
 
 def _opset_of(proto: onnx.ModelProto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _output_names(model: nn.Module, example_inputs: tuple) -> list[str]:
+    """A dict-returning model's outputs are named by its keys, others output / output_i."""
+    with torch.no_grad():
+        out = model(*example_inputs)
+    if isinstance(out, Mapping):
+        return [name for name, _ in named_outputs(out)]
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return _names("output", sum(isinstance(leaf, torch.Tensor) for leaf in leaves))
 
 
 def _names(stem: str, count: int) -> list[str]:

@@ -446,3 +446,36 @@ class FoldedBatchNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.row(x.reshape(x.shape[0] * 8, 8))
         return self.fc(rows.reshape(x.shape[0], -1))
+
+
+# --- models-multiout: multi-output models (face-detector stages) ---
+
+
+class FaceStage(nn.Module):
+    """An MTCNN R-Net-like stage on 1x8x8 digits: conv -> PReLU -> max-pool stacks, two heads.
+
+    Returns a tuple (cls logits over 10 classes, 4 box offsets); `as_dict=True` returns
+    {"cls": ..., "box": ...} instead. Trains on digits through the cls head.
+    """
+
+    def __init__(self, as_dict: bool = False):
+        super().__init__()
+        self.as_dict = as_dict
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.PReLU(8),
+            nn.MaxPool2d(2),  # 4x4
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.PReLU(16),
+            nn.MaxPool2d(2),  # 2x2
+            nn.Conv2d(16, 24, 2),
+            nn.PReLU(24),
+        )
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(24, 32), nn.PReLU(32))
+        self.cls = nn.Linear(32, 10)
+        self.box = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor):
+        h = self.trunk(self.features(x))
+        cls, box = self.cls(h), self.box(h)
+        return {"cls": cls, "box": box} if self.as_dict else (cls, box)

@@ -26,6 +26,7 @@ from compressor import checkpoint, distributed
 from compressor.budget import Budget, parse_budget
 from compressor.errors import CompressorWarning, InputError, TargetNotReachedError
 from compressor.masks import apply_masks_, has_machinery, prunable_layers, strip_
+from compressor.outputs import check_task_output, task_output
 from compressor.stats import sparsity_of
 
 if TYPE_CHECKING:
@@ -39,6 +40,9 @@ class MethodConfig:
     """Options every method has."""
 
     exclude: tuple[str, ...] = ()  # module-path globs never pruned (e.g. "fc", "layer1.*")
+    # the model output the task loss and accuracy read (index or dict key; None: the first);
+    # distillation and reconstruction match every output (compressor/outputs.py)
+    output: int | str | None = None
 
 
 @dataclass
@@ -273,6 +277,9 @@ def prune(
         raise InputError(f"method {method!r} needs data ({cls.needs}); pass --data SPEC")
     torch.manual_seed(seed)
     instance = cls(clone_model(model) if copy_model else model, budget, **config)
+    if data is not None and cls.needs != "nothing":  # a wrong --task-output fails now
+        classes = data.num_classes if cls.needs == "labels" else None
+        check_task_output(instance.model, data.sample_inputs(2), instance.config.output, classes)
     fingerprint = None
     if checkpoint_path is not None or resume is not None:  # hashing the model costs a pass
         fingerprint = {
@@ -292,7 +299,8 @@ def prune(
         method=instance,
         check_ranks=check_ranks,
     ) as run:
-        result = instance.run(data)
+        with task_output(instance.config.output):
+            result = instance.run(data)
         digests = run.check("the final model", result.model) if distributed.active() else None
     if (checkpoint_path is not None or resume is not None) and not run.phases:
         warnings.warn(

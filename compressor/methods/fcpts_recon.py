@@ -3,7 +3,8 @@ POT-like baseline that uses it with fixed ERK masks (`erk-recon`).
 
 One loop serves both FCPTS and `erk-recon`: the sparse student is trained for a fixed
 number of SGD steps on a small unlabelled calibration set to match the frozen dense
-model's outputs, `L_rec = T^2 KL(softmax(dense(x)/T) || softmax(sparse(x)/T))`, plus
+model's outputs, `L_rec = T^2 KL(softmax(dense(x)/T) || softmax(sparse(x)/T))` (a model
+with several outputs: that on the task output plus the MSE of every other one), plus
 whatever penalty the method adds (FCPTS: its sparsity-control loss). BatchNorm statistics
 are re-estimated on the calibration data at the end.
 """
@@ -23,7 +24,8 @@ from compressor.errors import InputError
 from compressor.masks import apply_masks_, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, clone_model, register_method
 from compressor.methods.magnitude import erk_densities, exact_counts, masks_from_counts
-from compressor.train import cosine_lambda, kd_loss, progress, recalibrate_batchnorm_
+from compressor.outputs import distill_loss, flat_tensors
+from compressor.train import cosine_lambda, progress, recalibrate_batchnorm_
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -60,13 +62,14 @@ def calibration_inputs(data: Data, config: ReconstructionConfig) -> torch.Tensor
 
 
 @torch.no_grad()
-def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The frozen dense model's outputs on `inputs`, computed once.
+def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor, batch_size: int) -> list:
+    """The frozen dense model's outputs on `inputs`, computed once: one tensor per output.
 
     The teacher is fixed and in eval mode, so its outputs are the same every pass; caching
     them saves a quarter of each step's work without changing any result.
     """
-    return torch.cat([teacher(x) for x in inputs.split(batch_size)])
+    batches = [flat_tensors(teacher(x)) for x in inputs.split(batch_size)]
+    return [torch.cat(parts) for parts in zip(*batches)]
 
 
 def _batches(loader: DataLoader) -> Iterator:
@@ -104,7 +107,7 @@ def reconstruct_(
     seed = int(torch.randint(2**31 - 1, ()))  # drawn from the seeded global RNG: reproducible
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
-        TensorDataset(inputs, targets), config.batch_size, shuffle=True, generator=generator
+        TensorDataset(inputs, *targets), config.batch_size, shuffle=True, generator=generator
     )
     optimizer = torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum)
     warmup = round(config.warmup_epochs * len(loader))
@@ -115,9 +118,9 @@ def reconstruct_(
     # data-parallel: every rank draws the same batch and trains on its slice of it
     net, rank, world = distributed.wrap(model), distributed.rank(), distributed.world_size()
     with progress(config.steps, description) as advance:
-        for _, (x, target) in zip(range(config.steps), _batches(loader)):
-            x, target = x[rank::world], target[rank::world]
-            rec = kd_loss(net(x), target, config.temperature)
+        for _, (x, *target) in zip(range(config.steps), _batches(loader)):
+            x, target = x[rank::world], [t[rank::world] for t in target]
+            rec = distill_loss(net(x), target, config.temperature)
             extra = penalty() if penalty is not None else torch.zeros(())
             optimizer.zero_grad(set_to_none=True)
             (rec + extra).backward()

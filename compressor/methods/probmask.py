@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from compressor.errors import InputError
 from compressor.masks import apply_masks_, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
+from compressor.outputs import select_output
 from compressor.train import cosine_lambda, fit, recalibrate_batchnorm_, sgd
 
 if TYPE_CHECKING:
@@ -376,7 +377,7 @@ class ProbMask(Method):
                 contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
             )
             with sync:
-                loss = F.cross_entropy(net(x), y) / samples
+                loss = F.cross_entropy(select_output(net(x)), y) / samples
                 loss.backward()
             total += loss.item()
         return total
@@ -437,7 +438,7 @@ class ProbMask(Method):
         for i, (x, y) in enumerate(loader):
             if i >= self.config.select_batches:
                 break
-            correct += int((self.model(x).argmax(dim=1) == y).sum())
+            correct += int((select_output(self.model(x)).argmax(dim=1) == y).sum())
             count += len(y)
         return correct / max(count, 1)
 
