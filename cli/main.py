@@ -23,6 +23,7 @@ from cli.common import (
     model_options,
 )
 from cli.export import export
+from cli.paths import check_prune_paths, check_train_paths, force_option
 from cli.tables import print_prune_summary, print_stats
 
 EPILOG = """\b
@@ -96,9 +97,11 @@ def info(model, arch, trust_pickle, data, input_shape, as_json):
     type=click.Path(dir_okay=False),
     help="Where to write the .pt2.",
 )
+@force_option
 @handle_errors
-def train(arch, data, epochs, lr, batch_size, width, limit, seed, checkpoint, output):
+def train(arch, data, epochs, lr, batch_size, width, limit, seed, checkpoint, output, force):
     """Train a dense zoo model, to have a baseline to compress."""
+    check_train_paths(data, output, checkpoint, force=force)
     import torch
 
     from compressor import zoo
@@ -196,6 +199,7 @@ def _pct(value) -> str:
     is_flag=True,
     help="Data-parallel debug: compare a hash of all state across ranks every epoch.",
 )
+@force_option
 @handle_errors
 def prune(
     model,
@@ -216,16 +220,20 @@ def prune(
     resume,
     nproc,
     check_ranks,
+    force,
     **method_opts,
 ):
     """Compress MODEL with a method to a budget; write a .pt2 with the report embedded."""
     from compressor import distributed
     from compressor.errors import InputError
-    from compressor.io import atomic_write, same_file, save_model
+    from compressor.io import atomic_write, save_model
     from compressor.methods import get_method
     from compressor.methods import prune as run_prune
     from compressor.train import evaluate
 
+    output = output or str(default_output(model, method))
+    # refuse now, not after hours of training
+    check_prune_paths(model, data, output, report, checkpoint_path, resume, force=force)
     if nproc is not None and nproc > 1 and not distributed.launched():
         _launch_workers(nproc)
     if nproc is not None and distributed.launched():
@@ -240,7 +248,6 @@ def prune(
     target = _resolve_budget(budget, sparsity, budget_metric, cls)
     data_obj = load_data_spec(data, seed=seed)
     loaded = load(model, arch, trust_pickle, data_obj)
-    output = output or str(default_output(model, method))
     config = _parse_settings(settings, cls) | _method_flags(method_opts, cls)
     config |= {"exclude": tuple(exclude)} if exclude else {}
     if cls.needs != "nothing" and data_obj is None:
@@ -248,17 +255,6 @@ def prune(
     test_loader = (
         (data_obj.test or data_obj.val) if data_obj is not None and data_obj.has_labels else None
     )
-    # refuse now, not after hours of training
-    if same_file(output, model):
-        raise InputError(
-            f"output {output!r} is the input file; choose another path with -o "
-            "(compressor never overwrites its input)"
-        )
-    written = checkpoint_path or resume
-    if written is not None and same_file(written, model):
-        raise InputError(f"checkpoint {written!r} is the input model; choose another path")
-    if written is not None and same_file(written, output):
-        raise InputError(f"checkpoint {written!r} is also the output; choose another path")
     main = distributed.is_main()
     dense_top1 = evaluate(loaded.model, test_loader) if main else None
     result = run_prune(
