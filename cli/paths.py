@@ -84,8 +84,9 @@ def check_prune_paths(
         may_exist=("--resume", "--checkpoint"),
         may_share=(frozenset(("--checkpoint", "--resume")),),
     )
-    resumed = resume is not None and same_file(checkpoint, resume)
-    if checkpoint is not None and not (force or resumed) and Path(checkpoint).exists():
+    if checkpoint is None or force or not Path(checkpoint).exists():
+        return
+    if resume is None or not same_file(checkpoint, resume):
         raise InputError(
             f"--checkpoint {checkpoint!r} exists; pass --resume {checkpoint} to continue "
             "that run, or --force to overwrite it"

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
+from cli.paths import check_prune_paths
 from compressor.errors import CompressorError, InputError
 from compressor.io import atomic_write, load_model
 from compressor.paths import check_distinct, check_folder_writable, check_writable
@@ -151,6 +152,22 @@ def test_train_refuses_existing_output_and_output_as_checkpoint(tmp_path, no_wor
     assert result.exit_code == 2
     assert "--checkpoint and -o/--output are the same file" in result.output
     assert out.read_bytes() == b"old" and no_work == []
+
+
+@pytest.mark.parametrize("given", [("--resume",), ("--checkpoint", "--resume")])
+def test_resuming_may_rewrite_its_checkpoint(tmp_path, given):
+    ckpt = tmp_path / "run.ckpt"
+    ckpt.write_bytes(b"a run")
+    flags = {flag: str(ckpt) for flag in given}
+    check_prune_paths(
+        str(tmp_path / "m.pt2"),
+        "digits",
+        str(tmp_path / "o.pt2"),
+        None,
+        flags.get("--checkpoint"),
+        flags["--resume"],
+        force=False,
+    )  # no error: the run continues in its own checkpoint
 
 
 def test_check_distinct_allows_declared_sharing(tmp_path):
