@@ -14,6 +14,7 @@ from compressor.budget import Budget, parse_budget
 from compressor.data import load_data
 from compressor.io import save_model
 from compressor.methods import get_method, list_methods, prune
+from compressor.paths import check_folder_writable
 from compressor.stats import ModelStats, measure
 from compressor.train import evaluate, train_dense
 
@@ -28,6 +29,7 @@ def run_demo(out: str, sparsity: Budget, epochs: int, seed: int = 0) -> list[dic
     `demo_budget` (channel removal at 10x would leave LeNet-5 too few channels to mean much).
     """
     out_dir = Path(out)
+    check_folder_writable("--out", out_dir)  # before minutes of training, not after
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     data = load_data(DATA, seed=seed)

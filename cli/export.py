@@ -16,6 +16,7 @@ from cli.common import (
     load_data_spec,
     model_options,
 )
+from cli.paths import check_paths, data_file, force_option
 
 SUFFIXES = {"onnx": ".onnx", "csr": ".csr.safetensors"}
 # Options that mean something for one format only: option name -> that format.
@@ -92,14 +93,18 @@ def _block(ctx, param, value):
 )
 @click.option("--input-shape", type=ShapeType(), help="Per-sample input shape, e.g. 1x28x28.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@force_option
 @handle_errors
-def export(model, arch, trust_pickle, fmt, output, no_verify, data, input_shape, as_json, **opts):
+def export(
+    model, arch, trust_pickle, fmt, output, no_verify, data, input_shape, as_json, force, **opts
+):
     """Export MODEL as a verified ONNX graph or a CSR weight pack."""
     _check_format_options(fmt, opts)
+    output = Path(output) if output else _default_output(model, fmt)
+    check_paths({"MODEL": model, "--data": data_file(data)}, {"-o/--output": output}, force=force)
     data_obj = load_data_spec(data)
     loaded = load(model, arch, trust_pickle, data_obj, input_shape)
     sample = example_inputs(loaded, data_obj)
-    output = Path(output) if output else _default_output(model, fmt)
     run = _export_onnx if fmt == "onnx" else _export_csr
     result = run(loaded, output, sample, not no_verify, opts, protect=(model,))
     if as_json:

@@ -26,6 +26,7 @@ from cli.common import (
     task_output_option,
 )
 from cli.export import export
+from cli.paths import check_prune_paths, check_train_paths, force_option
 from cli.tables import print_prune_summary, print_stats
 
 EPILOG = """\b
@@ -113,9 +114,11 @@ def info(model, arch, trust_pickle, data, input_shape, as_json):
     type=click.Path(dir_okay=False),
     help="Where to write the .pt2.",
 )
+@force_option
 @handle_errors
-def train(arch, data, epochs, lr, batch_size, width, limit, seed, checkpoint, output):
+def train(arch, data, epochs, lr, batch_size, width, limit, seed, checkpoint, output, force):
     """Train a dense zoo model, to have a baseline to compress."""
+    check_train_paths(data, output, checkpoint, force=force)
     import torch
 
     from compressor import zoo
@@ -222,6 +225,7 @@ Examples:
     is_flag=True,
     help="Data-parallel debug: compare a hash of all state across ranks every epoch.",
 )
+@force_option
 @handle_errors
 def prune(
     model,
@@ -243,16 +247,20 @@ def prune(
     nproc,
     check_ranks,
     task_output,
+    force,
     **method_opts,
 ):
     """Compress MODEL with a method to a budget; write a .pt2 with the report embedded."""
     from compressor import distributed
     from compressor.errors import InputError
-    from compressor.io import atomic_write, same_file, save_model
+    from compressor.io import atomic_write, save_model
     from compressor.methods import get_method
     from compressor.methods import prune as run_prune
     from compressor.train import evaluate
 
+    output = output or str(default_output(model, method))
+    # refuse now, not after hours of training
+    check_prune_paths(model, data, output, report, checkpoint_path, resume, force=force)
     if nproc is not None and nproc > 1 and not distributed.launched():
         _launch_workers(nproc)
     if nproc is not None and distributed.launched():
@@ -270,23 +278,11 @@ def prune(
     target = _resolve_budget(budget, sparsity, budget_metric, cls, config)
     data_obj = load_data_spec(data, seed=seed)
     loaded = load(model, arch, trust_pickle, data_obj)
-    output = output or str(default_output(model, method))
     if cls.needs != "nothing" and data_obj is None:
         raise InputError(f"method {method!r} needs --data (it uses {cls.needs})")
     test_loader = (
         (data_obj.test or data_obj.val) if data_obj is not None and data_obj.has_labels else None
     )
-    # refuse now, not after hours of training
-    if same_file(output, model):
-        raise InputError(
-            f"output {output!r} is the input file; choose another path with -o "
-            "(compressor never overwrites its input)"
-        )
-    written = checkpoint_path or resume
-    if written is not None and same_file(written, model):
-        raise InputError(f"checkpoint {written!r} is the input model; choose another path")
-    if written is not None and same_file(written, output):
-        raise InputError(f"checkpoint {written!r} is also the output; choose another path")
     main = distributed.is_main()
     dense_top1 = evaluate(loaded.model, test_loader, task_output) if main else None
     result = run_prune(

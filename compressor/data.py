@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from compressor import filebounds
+from compressor.datacheck import check_finite, check_loader_finite
 from compressor.errors import CompressorWarning, InputError
 from compressor.idx import find_fashion_files, read_fashion_mnist
 from compressor.user_code import SPEC as MODULE_SPEC
@@ -313,6 +314,7 @@ def _file_split(
     if x.ndim < 2 or len(x) == 0:
         raise InputError(f"{x_key!r} in {spec!r} has shape {tuple(x.shape)}; expected (N, ...)")
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    check_finite(x_key, x, spec)
     if not has_labels:
         return x, _unlabelled(len(x))
     if y_key not in tensors:
@@ -342,9 +344,11 @@ def _load_module(spec: str, opts: _Options) -> Data:
             stacklevel=3,
         )
     result = call_spec(spec, "--data")
-    if isinstance(result, Data):
-        return result
-    return _data_from_loaders(spec, _loaders_of(result, spec), opts.seed)
+    if not isinstance(result, Data):
+        result = _data_from_loaders(spec, _loaders_of(result, spec), opts.seed)
+    for split in ("train", "val", "test"):
+        check_loader_finite(getattr(result, split), split, spec)
+    return result
 
 
 def _loaders_of(result: object, spec: str) -> tuple[DataLoader | None, ...]:

@@ -288,7 +288,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, protect: tup
     A crash leaves either the old file or the new one, never half of one.
 
     Raises:
-        InputError: `path` is one of the `protect`ed inputs.
+        InputError: `path` is one of the `protect`ed inputs, or cannot be written.
+        CompressorError: writing failed for another reason (e.g. a full disk).
     """
     path = Path(path)
     for source in protect:
@@ -297,17 +298,24 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, protect: tup
                 f"output {str(path)!r} is the input file; choose another path with -o "
                 "(compressor never overwrites its input)"
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
+    from compressor.paths import write_error
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+        )
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the user's usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # the user's path, not our temporary file's
+            raise write_error(path, exc) from exc
         raise
     return path
 

@@ -27,6 +27,7 @@ from compressor.errors import CompressorError, InputError
 from compressor.io import atomic_write
 from compressor.outputs import named_outputs
 from exporters._common import eval_mode, first_line, flat_outputs
+from exporters.onnx_errors import export_failure
 
 # Tolerance of the onnxruntime check, relative to the output scale (max |PyTorch output|):
 # float32 kernels that sum in another order differ by ~1e-6 relative; 1e-4 leaves room for
@@ -160,10 +161,8 @@ def to_onnx(model: nn.Module, example_inputs: tuple, *, opset: int | None = None
                 external_data=False,
                 verbose=False,
             )
-    except Exception as exc:  # the exporter raises a zoo of types; report its first line
-        raise CompressorError(
-            f"torch.onnx could not export {type(model).__name__}: {first_line(exc)}"
-        ) from exc
+    except Exception as exc:  # the exporter raises a zoo of types; name the op that failed
+        raise export_failure(model, example_inputs, exc, opset) from exc
     proto = program.model_proto
     if opset is not None and _opset_of(proto) != opset:
         raise InputError(

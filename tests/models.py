@@ -479,3 +479,25 @@ class FaceStage(nn.Module):
         h = self.trunk(self.features(x))
         cls, box = self.cls(h), self.box(h)
         return {"cls": cls, "box": box} if self.as_dict else (cls, box)
+
+
+# --- trust-outputs: a model with an op the ONNX exporter cannot convert ------------------------
+
+
+class RunningMax(nn.Module):
+    """Running maximum along features: aten::cummax, which torch.onnx (dynamo) cannot convert."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cummax(x, dim=1).values
+
+
+class CummaxNet(nn.Module):
+    """Flatten -> Linear -> RunningMax -> Linear on 8x8 images; the cummax sits at body.2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), RunningMax(), nn.Linear(16, 10))
+        self.input_shape = (1, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)

@@ -110,7 +110,7 @@ def test_input_is_never_overwritten(pruned_pt2):
     path, _ = pruned_pt2
     before = path.read_bytes()
     result = _run(path, "-o", path)
-    assert result.exit_code == 2 and "is the input file" in result.output
+    assert result.exit_code == 2 and "is the input model" in result.output
     assert path.read_bytes() == before
 
 
