@@ -405,3 +405,80 @@ def _norm_hook(masked: dict):
         return out.index_fill(entry[2], entry[1], 0.0)
 
     return hook
+
+
+# --- models-mixed: standard architectures for mixed residual mode ---------------------------
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: conv-BN-ReLU-conv-BN, + shortcut, ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ImageNetResNet18(nn.Module):
+    """ResNet-18 in torchvision's layout (7x7/2 stem, 3x3/2 max-pool, 4 stages of 2
+    BasicBlocks, 1x1 downsample shortcuts, adaptive avg-pool, fc), `base` channels wide."""
+
+    input_shape = (1, 32, 32)
+
+    def __init__(self, base: int = 8, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, base, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths = [base, 2 * base, 4 * base, 8 * base]
+        c_in, stages = base, []
+        for i, width in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(c_in, width, stride), BasicBlock(width, width)))
+            c_in = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class ConvReluBnPool(nn.Module):
+    """An audio-style stack: (conv -> ReLU -> BatchNorm -> max-pool) x 3, then a Linear."""
+
+    input_shape = (1, 16, 16)
+
+    def __init__(self, widths: tuple[int, ...] = (8, 12, 16), classes: int = 10):
+        super().__init__()
+        layers, c_in = [], 1
+        for width in widths:
+            layers += [
+                nn.Conv2d(c_in, width, 3, padding=1),
+                nn.ReLU(),
+                nn.BatchNorm2d(width),
+                nn.MaxPool2d(2),
+            ]
+            c_in = width
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c_in * 2 * 2, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.features(x), 1))
