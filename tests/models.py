@@ -482,3 +482,26 @@ class ConvReluBnPool(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(self.features(x), 1))
+
+
+class GatedStream(nn.Module):
+    """Two residual streams; the first is also joined by a multiply (x * sigmoid(gate(x))),
+    which only tied channels can slim, the second is a plain mixable stream."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.branch = nn.Sequential(conv_bn(8, 8), nn.ReLU(), conv_bn(8, 8))
+        self.gate = conv_bn(8, 8, 1)
+        self.down = conv_bn(8, 12, 1, 2)
+        self.branch2 = nn.Sequential(conv_bn(12, 12), nn.ReLU(), conv_bn(12, 12))
+        self.head = Head(12)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.branch(x)
+        x = x * torch.sigmoid(self.gate(x))
+        y = self.down(x)
+        return self.head(torch.relu(y + self.branch2(y)))

@@ -49,6 +49,7 @@ from compressor.methods.bar_slim import (
     recalibrate_and_finetune_,
     slim_model,
     structured_report,
+    tied_fallback,
 )
 from compressor.methods.base import (
     Method,
@@ -145,7 +146,9 @@ class Bar(Method):
         cfg = self.config
         self.example = example_of(self.model, example_inputs)
         self.costs = CostModel(self.model, self.example, cfg.residual)
-        units = build_units(self.costs.analysis.groups, cfg.residual, excluder(cfg.exclude))
+        skip = excluder(cfg.exclude)
+        self.tied = tied_fallback(self.model, self.costs, self.example, cfg.residual, skip)
+        units = build_units(self.costs.analysis.groups, cfg.residual, skip, self.tied)
         if not units:
             raise InputError(f"{type(self.model).__name__} has no removable channels")
         init_log_alpha_(units, cfg.log_alpha_init, cfg.log_alpha_noise)
@@ -221,6 +224,7 @@ class Bar(Method):
             self.name, config, self.budget, self.costs, slimmed, self.example, self.adjustment, tied
         )
         report["budget_step"]["note"] = self._note()
+        report["tied_streams"] = list(self.tied.values())
         return Result(slimmed.model, report)
 
     # --- the schedule and the decision ------------------------------------------------------
