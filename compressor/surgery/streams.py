@@ -18,6 +18,7 @@ from torch import nn
 
 from compressor.errors import CompressorError, InputError
 from compressor.surgery.graph import ChannelGroup
+from compressor.surgery.plan import NotExactError
 from compressor.surgery.slim import mask_, slim_
 
 
@@ -41,6 +42,8 @@ def unmixable_streams(
         try:
             mask_(trial, keep, example_inputs, residual="mixed", norms=True)
             slim_(trial, keep, example_inputs, residual="mixed")
+        except NotExactError as exc:
+            refused[group.id] = str(exc)
         except InputError:
             continue  # the trial masks themselves are unusable: let the real run decide
         except CompressorError as exc:
