@@ -24,7 +24,7 @@ from compressor.io import save_model
 from compressor.methods import get_method, list_methods, prune
 from exporters.csr import export_csr
 from exporters.onnx import export_onnx
-from tests.models import ConvReluBnPool, ImageNetResNet18, randomize_bn_
+from tests.models import ConvReluBnPool, GatedStream, ImageNetResNet18, randomize_bn_
 
 MODELS = {"resnet18": ImageNetResNet18, "conv_relu_bn_pool": ConvReluBnPool}
 # (method, config); structured GSS too, which the default (a sparsity budget) does not pick
@@ -90,3 +90,27 @@ def test_cli_bar_prunes_and_exports(upsampled, tmp_path):
     for fmt, said in (("onnx", "max abs difference"), ("csr", "outputs identical")):
         exported = CliRunner().invoke(cli, ["export", str(pruned), "--format", fmt])
         assert exported.exit_code == 0 and said in exported.output, exported.output
+
+
+def test_cli_reports_a_stream_tied_by_the_fallback(small_digits, tmp_path):
+    x, y = map(torch.cat, zip(*small_digits.train, strict=True))
+    data = tmp_path / "rgb.pt"
+    torch.save({"x": x[:64].expand(-1, 3, -1, -1).clone(), "y": y[:64] % 5}, data)  # 5 classes
+    torch.manual_seed(0)
+    model = randomize_bn_(GatedStream(), torch.Generator().manual_seed(1)).eval()
+    save_model(model, tmp_path / "g.pt2", example_inputs=(x[:2].expand(-1, 3, -1, -1),))
+    args = [
+        "prune",
+        tmp_path / "g.pt2",
+        "-m",
+        "channel-magnitude",
+        "--budget",
+        "2x",
+        "--budget-metric",
+        "flops",
+    ]
+    args += ["--data", data, "--set", "finetune_epochs=0", "-o", tmp_path / "p.pt2"]
+    result = CliRunner().invoke(cli, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    note = "note: stream group 0 (stem.0, branch.2.0, gate.0) is tied: mixed channels would not"
+    assert note in result.output
