@@ -505,3 +505,19 @@ class GatedStream(nn.Module):
         x = x * torch.sigmoid(self.gate(x))
         y = self.down(x)
         return self.head(torch.relu(y + self.branch2(y)))
+
+
+class SigmoidPadded(nn.Module):
+    """conv -> sigmoid -> padded conv: a removed channel reaches the padding as 0.5, so no
+    decision that removes it slims exactly (there is no norm to zero it after)."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv2(torch.sigmoid(self.conv1(x))).mean((2, 3)))

@@ -13,11 +13,18 @@ import torch
 
 from compressor import zoo
 from compressor.budget import Budget
+from compressor.errors import InputError
 from compressor.methods import bar_slim, get_method, gss
 from compressor.surgery import channel_groups
 from compressor.surgery.streams import unmixable_streams
 from exporters.onnx import export_onnx
-from tests.models import ConvReluBnPool, GatedStream, ImageNetResNet18, randomize_bn_
+from tests.models import (
+    ConvReluBnPool,
+    GatedStream,
+    ImageNetResNet18,
+    SigmoidPadded,
+    randomize_bn_,
+)
 
 MODELS = {
     "resnet18": ImageNetResNet18,
@@ -141,3 +148,16 @@ def test_gate_sits_after_the_last_norm_of_the_chain():
         "features.8": "features.10",
         "fc": None,
     }
+
+
+def test_bar_refuses_an_inexact_layout_before_training():
+    torch.manual_seed(0)
+    bar = get_method("bar")(SigmoidPadded().eval(), Budget("volume", KEEP))
+    with pytest.raises(
+        InputError, match="removed input channels of 'conv2' carry a nonzero.*--exclude"
+    ):
+        bar.prepare(torch.randn(2, 3, 8, 8))
+    assert bar.gates is None  # nothing installed: refused before any training
+    excluded = get_method("bar")(SigmoidPadded().eval(), Budget("volume", 0.9), exclude=("conv1",))
+    excluded.prepare(torch.randn(2, 3, 8, 8))  # the fix the message names works
+    assert [u.name for u in excluded.gates.units] == ["group 1"]

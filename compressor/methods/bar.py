@@ -60,6 +60,7 @@ from compressor.methods.base import (
     register_method,
 )
 from compressor.methods.probmask import train_loader
+from compressor.surgery.streams import check_exact
 from compressor.train import Distill, fit, sgd
 
 if TYPE_CHECKING:
@@ -148,6 +149,8 @@ class Bar(Method):
         self.costs = CostModel(self.model, self.example, cfg.residual)
         skip = excluder(cfg.exclude)
         self.tied = tied_fallback(self.model, self.costs, self.example, cfg.residual, skip)
+        # a layout no decision could slim exactly is refused before training, not after
+        check_exact(self.model, self.costs.analysis.groups, self.example, skip)
         units = build_units(self.costs.analysis.groups, cfg.residual, skip, self.tied)
         if not units:
             raise InputError(f"{type(self.model).__name__} has no removable channels")

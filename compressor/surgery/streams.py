@@ -74,3 +74,25 @@ def stream_name(group: ChannelGroup) -> str:
     names = [m.fqn for m in group.producers]
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     return f"group {group.id} ({shown})"
+
+
+def check_exact(
+    model: nn.Module, groups: list[ChannelGroup], example_inputs: tuple, skip=lambda fqn: False
+) -> None:
+    """Raise now, not after training, when removing channels could never slim exactly.
+
+    Slims a copy with every other removable channel of each prunable group removed (tied,
+    zeroed after the norms), the way the structured methods remove them.
+
+    Raises:
+        NotExactError: (an InputError) naming the layer or node and the reason.
+    """
+    keep = {}
+    for group in groups:
+        removable = (~group.fixed).nonzero().flatten()
+        if group.prunable and len(removable) >= 2 and not any(skip(m.fqn) for m in group.producers):
+            keep[group.id] = group.fixed.clone().index_fill_(0, removable[::2], True)
+    if keep:
+        trial = copy.deepcopy(model)
+        mask_(trial, keep, example_inputs, norms=True)
+        slim_(trial, keep, example_inputs)
