@@ -7,6 +7,7 @@ be slimmed that way. `unmixable_streams` finds those streams up front by slimmin
 the model with staggered per-producer masks (producers alternately drop every other
 removable channel, so every join sees channels that one operand keeps and the other drops),
 zeroed after their norms as the methods zero them; a method then ties just those streams.
+One trial covers all streams; only when it fails does each stream get its own.
 """
 
 from __future__ import annotations
@@ -33,22 +34,30 @@ def unmixable_streams(
         example_inputs: A tuple of inputs the model runs on.
         skip: fqn -> True for producers the method leaves alone (never given an own mask).
     """
-    refused: dict[int, str] = {}
-    for group in groups:
-        keep = _staggered(group, skip)
-        if keep is None:
-            continue
-        trial = copy.deepcopy(model)
-        try:
-            mask_(trial, keep, example_inputs, residual="mixed", norms=True)
-            slim_(trial, keep, example_inputs, residual="mixed")
-        except NotExactError as exc:
-            refused[group.id] = str(exc)
-        except InputError:
-            continue  # the trial masks themselves are unusable: let the real run decide
-        except CompressorError as exc:
-            refused[group.id] = str(exc)
+    trials = {g.id: keep for g in groups if (keep := _staggered(g, skip)) is not None}
+    merged = {fqn: mask for keep in trials.values() for fqn, mask in keep.items()}
+    if not trials or _refusal(model, merged, example_inputs) is None:
+        return {}  # the usual case: one trial clears every stream
+    refused = {}
+    for group_id, keep in trials.items():
+        if (why := _refusal(model, keep, example_inputs)) is not None:
+            refused[group_id] = why
     return refused
+
+
+def _refusal(model: nn.Module, keep: dict, example_inputs: tuple) -> str | None:
+    """Why a mixed slim of a copy with `keep` is not exact, or None when it is."""
+    trial = copy.deepcopy(model)
+    try:
+        mask_(trial, keep, example_inputs, residual="mixed", norms=True)
+        slim_(trial, keep, example_inputs, residual="mixed")
+    except NotExactError as exc:
+        return str(exc)
+    except InputError:
+        return None  # the trial masks themselves are unusable: let the real run decide
+    except CompressorError as exc:
+        return str(exc)
+    return None
 
 
 def _staggered(group: ChannelGroup, skip) -> dict[str, torch.Tensor] | None:
