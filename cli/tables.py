@@ -96,3 +96,5 @@ def print_prune_summary(report: dict, output: str) -> None:
         parts.append(f"top-1 {report['dense_top1']:.2%} -> {report['top1']:.2%}")
     parts.append(f"{report['seconds']:.1f}s")
     click.echo(", ".join(parts) + f" -> {output}")
+    for line in report.get("tied_streams") or ():  # mixed mode fell back for these streams
+        click.echo(f"note: {line}")

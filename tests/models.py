@@ -501,3 +501,119 @@ class CummaxNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+
+# --- models-mixed: standard architectures for mixed residual mode ---------------------------
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: conv-BN-ReLU-conv-BN, + shortcut, ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ImageNetResNet18(nn.Module):
+    """ResNet-18 in torchvision's layout (7x7/2 stem, 3x3/2 max-pool, 4 stages of 2
+    BasicBlocks, 1x1 downsample shortcuts, adaptive avg-pool, fc), `base` channels wide."""
+
+    input_shape = (1, 32, 32)
+
+    def __init__(self, base: int = 8, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, base, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths = [base, 2 * base, 4 * base, 8 * base]
+        c_in, stages = base, []
+        for i, width in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(c_in, width, stride), BasicBlock(width, width)))
+            c_in = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class ConvReluBnPool(nn.Module):
+    """An audio-style stack: (conv -> ReLU -> BatchNorm -> max-pool) x 3, then a Linear."""
+
+    input_shape = (1, 16, 16)
+
+    def __init__(self, widths: tuple[int, ...] = (8, 12, 16), classes: int = 10):
+        super().__init__()
+        layers, c_in = [], 1
+        for width in widths:
+            layers += [
+                nn.Conv2d(c_in, width, 3, padding=1),
+                nn.ReLU(),
+                nn.BatchNorm2d(width),
+                nn.MaxPool2d(2),
+            ]
+            c_in = width
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c_in * 2 * 2, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+class GatedStream(nn.Module):
+    """Two residual streams; the first is also joined by a multiply (x * sigmoid(gate(x))),
+    which only tied channels can slim, the second is a plain mixable stream."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.branch = nn.Sequential(conv_bn(8, 8), nn.ReLU(), conv_bn(8, 8))
+        self.gate = conv_bn(8, 8, 1)
+        self.down = conv_bn(8, 12, 1, 2)
+        self.branch2 = nn.Sequential(conv_bn(12, 12), nn.ReLU(), conv_bn(12, 12))
+        self.head = Head(12)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.branch(x)
+        x = x * torch.sigmoid(self.gate(x))
+        y = self.down(x)
+        return self.head(torch.relu(y + self.branch2(y)))
+
+
+class SigmoidPadded(nn.Module):
+    """conv -> sigmoid -> padded conv: a removed channel reaches the padding as 0.5, so no
+    decision that removes it slims exactly (there is no norm to zero it after)."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv2(torch.sigmoid(self.conv1(x))).mean((2, 3)))

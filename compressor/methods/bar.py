@@ -49,6 +49,7 @@ from compressor.methods.bar_slim import (
     recalibrate_and_finetune_,
     slim_model,
     structured_report,
+    tied_fallback,
 )
 from compressor.methods.base import (
     Method,
@@ -59,6 +60,7 @@ from compressor.methods.base import (
     register_method,
 )
 from compressor.methods.probmask import train_loader
+from compressor.surgery.streams import check_exact
 from compressor.train import Distill, fit, sgd
 
 if TYPE_CHECKING:
@@ -145,7 +147,11 @@ class Bar(Method):
         cfg = self.config
         self.example = example_of(self.model, example_inputs)
         self.costs = CostModel(self.model, self.example, cfg.residual)
-        units = build_units(self.costs.analysis.groups, cfg.residual, excluder(cfg.exclude))
+        skip = excluder(cfg.exclude)
+        self.tied = tied_fallback(self.model, self.costs, self.example, cfg.residual, skip)
+        # a layout no decision could slim exactly is refused before training, not after
+        check_exact(self.model, self.costs.analysis.groups, self.example, skip)
+        units = build_units(self.costs.analysis.groups, cfg.residual, skip, self.tied)
         if not units:
             raise InputError(f"{type(self.model).__name__} has no removable channels")
         init_log_alpha_(units, cfg.log_alpha_init, cfg.log_alpha_noise)
@@ -221,6 +227,7 @@ class Bar(Method):
             self.name, config, self.budget, self.costs, slimmed, self.example, self.adjustment, tied
         )
         report["budget_step"]["note"] = self._note()
+        report["tied_streams"] = list(self.tied.values())
         return Result(slimmed.model, report)
 
     # --- the schedule and the decision ------------------------------------------------------

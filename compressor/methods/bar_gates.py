@@ -11,6 +11,7 @@ and removes every hook again, so nothing of the method survives `finalize()`.
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import torch
@@ -113,20 +114,28 @@ class GateUnit:
         return {self.own.fqn: mask} if self.own is not None else {self.group.id: mask}
 
 
-def build_units(groups: list[ChannelGroup], residual: str, excluded) -> list[GateUnit]:
+def build_units(
+    groups: list[ChannelGroup], residual: str, excluded, tied: Container[int] = ()
+) -> list[GateUnit]:
     """Gate units for every prunable group.
 
     In tied mode (and for groups that are not residual streams) one unit gates every
     producer of the group. In mixed mode each plain producer of a residual stream gets its
     own unit. A residual stream that a depthwise conv reads is gated as one unit even in
     mixed mode: the depthwise conv follows its input's channels and has no channels of its own.
+    So is a stream whose id is in `tied` (one mixed mode cannot slim exactly).
     `excluded(fqn)` says which producers the user excluded; their channels are never gated.
     """
     units = []
     for group in groups:
         if not group.prunable:
             continue
-        mixed = residual == "mixed" and group.residual and not group.of_kind("grouped")
+        mixed = (
+            residual == "mixed"
+            and group.residual
+            and not group.of_kind("grouped")
+            and group.id not in tied
+        )
         if mixed:
             for member in group.of_kind("producer"):
                 if not excluded(member.fqn):

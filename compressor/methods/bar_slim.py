@@ -14,6 +14,7 @@ from compressor.methods.bar_cost import Adjustment, CostModel
 from compressor.methods.bar_gates import GateUnit
 from compressor.stats import measure
 from compressor.surgery import SlimResult, slim_
+from compressor.surgery.streams import stream_name, unmixable_streams
 from compressor.train import Distill, fit, recalibrate_batchnorm_, sgd
 
 if TYPE_CHECKING:
@@ -43,6 +44,22 @@ def example_of(model: nn.Module, example_inputs) -> tuple:
             "prepare(example_inputs=...) or give the model an input_shape"
         )
     return (torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)),)
+
+
+def tied_fallback(model: nn.Module, costs: CostModel, example: tuple, residual: str, excluded):
+    """{group id: report line} for the residual streams mixed mode must tie; {} when tied.
+
+    Mixed mode is kept wherever it is exact; a stream it cannot slim exactly keeps one channel
+    set for all its producers (tied) instead of refusing the whole model.
+    """
+    if residual != "mixed":
+        return {}
+    groups = costs.analysis.groups
+    refused = unmixable_streams(model, groups, example, excluded)
+    return {
+        gid: f"stream {stream_name(groups[gid])} is tied: mixed channels would not be exact ({why})"
+        for gid, why in refused.items()
+    }
 
 
 def slim_model(model: nn.Module, keep: dict, example: tuple, residual: str) -> SlimResult:

@@ -29,6 +29,7 @@ from compressor.methods.bar_slim import (
     recalibrate_and_finetune_,
     slim_model,
     structured_report,
+    tied_fallback,
 )
 from compressor.methods.base import (
     Method,
@@ -111,7 +112,9 @@ class ChannelMagnitude(Method):
         cfg = self.config
         self.example = example_of(self.model, example_inputs)
         self.costs = CostModel(self.model, self.example, cfg.residual)
-        self.units = build_units(self.costs.analysis.groups, cfg.residual, excluder(cfg.exclude))
+        skip = excluder(cfg.exclude)
+        self.tied = tied_fallback(self.model, self.costs, self.example, cfg.residual, skip)
+        self.units = build_units(self.costs.analysis.groups, cfg.residual, skip, self.tied)
         if not self.units:
             raise InputError(f"{type(self.model).__name__} has no removable channels")
         raw = [filter_l1(self.model, u) for u in self.units]
@@ -154,6 +157,7 @@ class ChannelMagnitude(Method):
         report = structured_report(
             self.name, config, self.budget, self.costs, slimmed, self.example, self.adjustment, tied
         )
+        report["tied_streams"] = list(self.tied.values())
         return Result(slimmed.model, report)
 
     def run(self, data: Data | None) -> Result:

@@ -93,7 +93,7 @@ def channelwise(walker: Walker, node: fx.Node, kind: str, axis: int) -> None:
         walker.share(str(node.target), "in", track.ids)
         walker.uses.append(Use(str(node.target), kind, 0, (x, None), track.ids, node))
         if kind == "norm" and x in walker.produced_by:
-            walker.norm_after.setdefault(walker.produced_by[x], str(node.target))
+            walker.norm_after[walker.produced_by[x]] = str(node.target)  # the last norm wins
     walker.copy(node, (x, None), track.axis)
 
 

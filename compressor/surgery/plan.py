@@ -20,11 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from compressor.errors import CompressorError, InputError
+from compressor.errors import InputError
 from compressor.surgery.graph import PRODUCING, Analysis, ChannelGroup, Key, Member
 from compressor.surgery.trace import run_graph
 
 RESIDUAL_MODES = ("tied", "mixed")
+
+
+class NotExactError(InputError):
+    """This model's layout makes the requested removal inexact (the CLI exits 2 on it).
+
+    Structured methods tie a residual stream that raises it in mixed mode (see
+    `compressor.surgery.streams`); the message names the layer or node and the reason.
+    """
 
 
 @dataclass
@@ -44,7 +52,7 @@ def make_plan(analysis: Analysis, keep: dict, residual: str) -> Plan:
     Raises:
         InputError: Unknown key, a mask of the wrong length, a fixed channel removed, or a
             group/layer left without channels.
-        CompressorError: In mixed mode, channel sets that only an add could reconcile meet
+        NotExactError: In mixed mode, channel sets that only an add could reconcile meet
             at another op.
     """
     if residual not in RESIDUAL_MODES:
@@ -182,7 +190,7 @@ def propagate(plan: Plan) -> None:
         for src, out_pos, src_pos in flow.sources:
             incoming = plan.physical[src][src_pos]
             if flow.join == "strict" and (covered[out_pos] & (phys[out_pos] != incoming)).any():
-                raise CompressorError(
+                raise NotExactError(
                     f"the operands of node '{key[0].name}' keep different channels; only an "
                     "add can join streams that keep different channels: give their "
                     "producers equal masks or use residual='tied'"
@@ -201,7 +209,7 @@ def _check_consistent(plan: Plan) -> None:
         phys = plan.physical.get(use.key, torch.ones(len(use.ids), dtype=torch.bool))
         ident = (use.fqn, use.kind, use.dim)
         if ident in seen and not torch.equal(seen[ident], phys):
-            raise CompressorError(f"layer {use.fqn!r} is called twice on different channel sets")
+            raise NotExactError(f"layer {use.fqn!r} is called twice on different channel sets")
         seen[ident] = phys
     for node, in_key in plan.analysis.grouped_inputs:
         out_phys = plan.physical[(node, None)]
@@ -211,7 +219,7 @@ def _check_consistent(plan: Plan) -> None:
             continue
         expected = out_phys.view(groups, -1)[:, :1].expand(-1, len(in_phys) // groups)
         if not torch.equal(in_phys, expected.reshape(-1)):
-            raise CompressorError(
+            raise NotExactError(
                 f"grouped conv {node.target!r} would keep channels its input removed; in "
                 "mixed mode give its input's producers the same mask, or use residual='tied'"
             )
@@ -262,7 +270,7 @@ def constants(values: dict, key: Key, axis: int, positions: torch.Tensor, where:
     """The constant value each removed position carries in the masked model.
 
     Raises:
-        CompressorError: A removed position varies (e.g. a constant changed at the borders by
+        NotExactError: A removed position varies (e.g. a constant changed at the borders by
             zero padding), so removing it cannot be exact.
     """
     value = values[key[0]] if key[1] is None else values[key[0]][key[1]]
@@ -272,10 +280,12 @@ def constants(values: dict, key: Key, axis: int, positions: torch.Tensor, where:
     scale = 1.0 + torch.maximum(low.abs(), high.abs())
     varying = (high - low) > 1e-6 * scale
     if varying.any():
-        raise CompressorError(
+        raise NotExactError(
             f"removed channel {int(positions[varying.nonzero()[0, 0]])} reaching {where} is not "
             "a constant in the masked model (zero padding or pooling changes it at the "
             "borders), so removing it is not exact; zero the channel after its norm layer "
-            "first (compressor.surgery.mask_(..., norms=True))"
+            "first (compressor.surgery.mask_(..., norms=True); the structured methods gate "
+            "after the last norm of a layer's conv/ReLU/BN chain), or keep the layer's "
+            "channels (--exclude)"
         )
     return rows[:, 0].clone()

@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from compressor.errors import CompressorError
 from compressor.surgery.mixed import ResidualJoin
-from compressor.surgery.plan import Plan, constants
+from compressor.surgery.plan import NotExactError, Plan, constants
 from compressor.surgery.trace import Traced, scope_of, symbolic_trace
 from compressor.surgery.walker import op_name
 
@@ -57,7 +57,7 @@ def _join(plan: Plan, node: fx.Node, flow, values: dict) -> Action | None:
         return None
     axis = plan.analysis.tracks[(node, None)].axis
     if values[src_a[0]].shape != values[src_b[0]].shape:
-        raise CompressorError(f"mixed join at node '{node.name}' needs operands of equal shape")
+        raise NotExactError(f"mixed join at node '{node.name}' needs operands of equal shape")
     alpha = flow.alpha * (-1.0 if flow.join == "sub" else 1.0)
     const = torch.zeros(len(out), dtype=values[src_a[0]].dtype)
     for sign, src, phys in ((1.0, src_a, phys_a), (alpha, src_b, phys_b)):

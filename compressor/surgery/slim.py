@@ -21,7 +21,7 @@ from compressor.errors import CompressorError
 from compressor.masks import has_machinery
 from compressor.surgery import remove
 from compressor.surgery.graph import PRODUCING, analyse
-from compressor.surgery.plan import Plan, constants, make_plan, masked_values
+from compressor.surgery.plan import NotExactError, Plan, constants, make_plan, masked_values
 from compressor.surgery.rewrite import apply_rewrites, plan_rewrites
 from compressor.surgery.trace import as_tuple, eval_mode, output_values
 
@@ -71,9 +71,11 @@ def slim_(
 
     Raises:
         InputError: Bad keys or masks, a fixed channel removed, a group or layer left empty.
-        CompressorError: The model has masks installed, cannot be traced, or a removal
-            cannot be exact (a varying removed channel, a constant into a padded conv); the
-            model is unchanged in these cases.
+        NotExactError: (an InputError) A removal cannot be exact on this layout (a varying
+            removed channel, a constant into a padded conv, different channel sets meeting
+            at an op other than an add); the model is unchanged.
+        CompressorError: The model has masks installed or cannot be traced; the model is
+            unchanged in these cases.
     """
     inputs = as_tuple(example_inputs)
     if machinery := has_machinery(model):
@@ -148,15 +150,16 @@ def _plan_folds(plan: Plan, values: dict) -> dict[str, tuple]:
         if not carried.any():
             continue
         if remove.padded(gm.get_submodule(use.fqn)):
-            raise CompressorError(
+            raise NotExactError(
                 f"removed input channels of {use.fqn!r} carry a nonzero constant (e.g. a "
                 "BatchNorm shift through ReLU), which its zero padding makes impossible to "
                 "fold exactly; zero those channels after their norm layer first "
-                "(compressor.surgery.mask_(..., norms=True))"
+                "(compressor.surgery.mask_(..., norms=True); the structured methods do), or "
+                "keep them (--exclude)"
             )
         previous = folds.get(use.fqn)
         if previous is not None and not torch.equal(previous[2], carried):
-            raise CompressorError(f"layer {use.fqn!r} is shared and sees different constants")
+            raise NotExactError(f"layer {use.fqn!r} is shared and sees different constants")
         folds[use.fqn] = (use.dim, removed, carried)
     return folds
 

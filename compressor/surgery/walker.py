@@ -45,8 +45,11 @@ class Walker:
         self.residual_ids: list[torch.Tensor] = []
         self.grouped_inputs: list[tuple[fx.Node, Key]] = []
         self.layer_norms: set[fx.Node] = set()
-        self.produced_by: dict[fx.Node, str] = {}  # output node of a producing layer -> fqn
-        self.norm_after: dict[str, str] = {}  # producing layer -> norm applied to its output
+        # a producing layer's output, or a per-channel op on its only use -> the layer's fqn
+        self.produced_by: dict[fx.Node, str] = {}
+        # producing layer -> the last norm on that chain: where a removed channel is zeroed
+        # exactly (after BN and ReLU, before padding, pooling or the next conv)
+        self.norm_after: dict[str, str] = {}
 
     def run(self) -> Analysis:
         for node in self.traced.gm.graph.nodes:
@@ -130,6 +133,19 @@ class Walker:
         """Output positions are the source's, possibly on another axis."""
         n = len(self.tracks[src].ids)
         self.emit(key or (node, None), axis, n, [(src, ar(n), ar(n))])
+        if key is None:
+            self._follow(node, src, axis)
+
+    def _follow(self, node: fx.Node, src: Key, axis: int) -> None:
+        """Extend a producer's chain through a per-channel op that is its output's only use."""
+        source = src[0]
+        if (
+            src[1] is None
+            and source in self.produced_by
+            and len(source.users) == 1
+            and self.tracks[src].axis == axis
+        ):
+            self.produced_by[node] = self.produced_by[source]
 
     def pin_args(self, node: fx.Node, reason: str) -> None:
         """Fix every tracked channel `node` reads."""
