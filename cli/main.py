@@ -225,6 +225,7 @@ def prune(
     from compressor.methods import get_method
     from compressor.methods import prune as run_prune
     from compressor.train import evaluate
+    from compressor.writable import check_writable
 
     if nproc is not None and nproc > 1 and not distributed.launched():
         _launch_workers(nproc)
@@ -254,6 +255,7 @@ def prune(
             f"output {output!r} is the input file; choose another path with -o "
             "(compressor never overwrites its input)"
         )
+    check_writable(loaded.model, output, example_inputs(loaded, data_obj), loaded.format)
     written = checkpoint_path or resume
     if written is not None and same_file(written, model):
         raise InputError(f"checkpoint {written!r} is the input model; choose another path")
