@@ -15,6 +15,7 @@ model or cannot produce the requested opset; for an opset below 18 it tries lega
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import re
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import onnx
 import torch
-from torch import nn
+from torch import fx, nn
 
 from compressor.errors import CompressorError, InputError
 from exporters._common import first_line
@@ -166,7 +167,7 @@ def _legacy(model: nn.Module, example_inputs: tuple, names, opset: int | None):
     try:
         with _quiet_exporter(), _no_prints(), torch.no_grad():
             torch.onnx.export(
-                model,
+                _traced_sizes(model),
                 tuple(example_inputs),
                 buffer,
                 dynamo=False,
@@ -180,6 +181,48 @@ def _legacy(model: nn.Module, example_inputs: tuple, names, opset: int | None):
             f"the TorchScript exporter could not export {type(model).__name__}: {_clean(exc)}"
         ) from exc
     return onnx.load_from_string(buffer.getvalue())
+
+
+def _traced_sizes(model: nn.Module) -> nn.Module:
+    """`model`, or for a graph lifted from a .pt2 a copy whose sizes torch.jit can trace.
+
+    A lifted graph reads the batch size with `aten.sym_size.int` and passes it to aten
+    overloads (`aten.new_zeros.default(x, [s, 7, 4, 4])`); under torch.jit tracing both
+    take plain ints, so the batch size would be baked into the graph. `x.size(0)` and the
+    Tensor methods (`x.new_zeros(...)`) are recorded as Shape ops and stay dynamic. The
+    copy shares the model's layers.
+    """
+    if not isinstance(model, fx.GraphModule) or not any(map(_is_sym_size, model.graph.nodes)):
+        return model
+    graph = copy.deepcopy(model.graph)
+    derived: set[fx.Node] = set()
+    for node in list(graph.nodes):
+        if _is_sym_size(node):
+            with graph.inserting_before(node):
+                size = graph.call_method("size", node.args, node.kwargs)
+            node.replace_all_uses_with(size)
+            graph.erase_node(node)
+            derived.add(size)
+        elif any(arg in derived for arg in node.all_input_nodes):
+            if isinstance(node.target, torch._ops.OpOverload):
+                _as_method_(node)
+            else:  # int arithmetic on sizes (operator.mul, ...): traced like a size
+                derived.add(node)
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def _as_method_(node: fx.Node) -> None:
+    """Calls the Tensor method (or torch function) of an aten overload instead. In place."""
+    name = node.target.overloadpacket.__name__
+    if hasattr(torch.Tensor, name):
+        node.op, node.target = "call_method", name
+    elif hasattr(torch, name):
+        node.target = getattr(torch, name)
+
+
+def _is_sym_size(node: fx.Node) -> bool:
+    target = getattr(node.target, "overloadpacket", None)
+    return node.op == "call_function" and target is torch.ops.aten.sym_size
 
 
 @contextlib.contextmanager

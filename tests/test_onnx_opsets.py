@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -13,6 +15,7 @@ from torch import nn
 from cli.main import cli
 from compressor import zoo
 from compressor.errors import CompressorError, InputError
+from compressor.io import load_model, save_model
 from exporters.onnx import export_onnx
 from tests import models as toys
 from tests.test_surgery_mixed import _mixed_projection_residual
@@ -62,6 +65,28 @@ def test_opsets_export_and_verify(which, opset, mixed_slimmed, tmp_path):
         assert ops & {"ScatterND", "ScatterElements"}, ops  # the joins, not a dense add
     fresh = torch.randn(5, *x[0].shape[1:], generator=torch.Generator().manual_seed(9))
     _assert_runs_like_torch(path, model, fresh)
+
+
+@pytest.fixture(scope="module")
+def mixed_pt2(mixed_slimmed, tmp_path_factory):
+    model, x = mixed_slimmed
+    path = tmp_path_factory.mktemp("mixed") / "mixed.pt2"
+    save_model(model, path, example_inputs=x)
+    return path
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_slimmed_mixed_pt2_exports_at_old_opsets_from_the_cli(mixed_pt2, opset, tmp_path):
+    """The lifted .pt2 graph reads the batch size with aten.sym_size: it must stay dynamic."""
+    out = tmp_path / "m.onnx"
+    done = _cli("export", mixed_pt2, "-o", out, "--opset", opset, "--json")
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.output)
+    assert (report["opset"], report["exporter"]) == (opset, "legacy")
+    assert report["max_abs_diff"] <= report["tolerance"] and 1 in report["batch_sizes"]
+    assert _default_opset(onnx.load(str(out))) == opset
+    fresh = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    _assert_runs_like_torch(out, load_model(mixed_pt2).model, fresh)
 
 
 def test_dynamo_alone_refuses_an_old_opset_and_names_the_fix(tmp_path):
