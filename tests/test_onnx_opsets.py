@@ -166,6 +166,8 @@ def test_cli_exporter_and_opset(guarded_weights, tmp_path):
     assert refused.exit_code == 2, refused.output
     assert refused.output.startswith("Error: torch.onnx could not export GuardedMLP")
     assert "use --exporter legacy" in refused.output and "Traceback" not in refused.output
+    assert "data-dependent expression" in refused.output  # the cause, not torch's wrapper
+    assert len(refused.output.strip().splitlines()) == 1
     assert not (tmp_path / "d.onnx").exists()
 
 
