@@ -412,14 +412,20 @@ def _norm_hook(masked: dict):
 # custom module per ONNX op, most of them a line of plain torch ops.
 
 
+def _onnx_div(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """onnx2torch's Div: a Python branch on the dtype, which torch.fx cannot trace."""
+    if first.is_floating_point() or second.is_floating_point():
+        return torch.div(first, second)
+    return torch.div(first, second, rounding_mode="trunc")
+
+
 class OnnxBinaryMathOperation(nn.Module):
     """onnx2torch's Add / Sub / Mul / Div."""
 
     def __init__(self, operation_type: str):
         super().__init__()
-        self.math_op_function = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul}[
-            operation_type
-        ]
+        functions = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": _onnx_div}
+        self.math_op_function = functions[operation_type]
 
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         return self.math_op_function(first, second)
@@ -495,7 +501,7 @@ def onnx_mobile(
 ) -> torch.fx.GraphModule:
     """A MobileNetV3-style block as onnx2torch converts it: a GraphModule of Onnx* modules.
 
-    Stem (pad, conv, BN, hard-swish), expand 1x1, depthwise 3x3, squeeze-excite (pool, two
+    Stem (pad, conv, BN, hard-swish, divide by a constant), expand 1x1, depthwise 3x3, squeeze-excite (pool, two
     1x1 convs, hard-sigmoid, multiply), project 1x1 with a residual add, a concat, head
     conv, pool, flatten (or, with `reshape`, onnx2torch's untraceable Reshape) and Linear.
     """
@@ -504,6 +510,7 @@ def onnx_mobile(
         "Conv_1": nn.Conv2d(in_channels, 8, 3),
         "BatchNormalization_2": nn.BatchNorm2d(8),
         "HardSwish_3": OnnxHardSwish(),
+        "Div_25": OnnxBinaryMathOperation("Div"),  # by a constant, as converted graphs do
         "Conv_4": nn.Conv2d(8, 16, 1),
         "BatchNormalization_5": nn.BatchNorm2d(16),
         "Relu_6": nn.ReLU(),
@@ -530,6 +537,7 @@ def onnx_mobile(
     for name, layer in layers.items():
         root.add_module(name, layer)
     root.register_buffer("shape_const", torch.tensor([-1, 24]))
+    root.register_buffer("div_const", torch.tensor(2.0))
     graph = torch.fx.Graph()
     x = graph.placeholder("input_1")
     out = {}
@@ -539,12 +547,16 @@ def onnx_mobile(
         return out[name]
 
     y = x
-    for name in list(layers)[:10]:
+    for name in list(layers)[:4]:
+        y = call(name, y)
+    stem = call("Div_25", y, graph.get_attr("div_const"))
+    y = stem
+    for name in list(layers)[5:11]:
         y = call(name, y)
     s = call("HardSigmoid_14", call("Conv_13", call("Relu_12", call("Conv_11", call(
         "GlobalAveragePool_10", y)))))  # fmt: skip
     y = call("BatchNormalization_17", call("Conv_16", call("Mul_15", y, s)))
-    y = call("Concat_19", call("Add_18", y, out["HardSwish_3"]), out["HardSwish_3"])
+    y = call("Concat_19", call("Add_18", y, stem), stem)
     y = call("GlobalAveragePool_22", call("HardSwish_21", call("Conv_20", y)))
     flat = call("Flatten_23", y, graph.get_attr("shape_const")) if reshape else call(
         "Flatten_23", y)  # fmt: skip
