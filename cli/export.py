@@ -22,6 +22,7 @@ SUFFIXES = {"onnx": ".onnx", "csr": ".csr.safetensors"}
 # Options that mean something for one format only: option name -> that format.
 ONLY_FOR = {
     "opset": "onnx",
+    "exporter": "onnx",
     "sparse_initializers": "onnx",
     "sparse_threshold": "onnx",
     "values": "csr",
@@ -32,6 +33,7 @@ EPILOG = """\b
 Examples:
   compress export lenet5-magnitude-global.pt2 --format onnx
   compress export lenet5-magnitude-global.pt2 --format onnx --sparse-initializers
+  compress export lenet5-magnitude-global.pt2 --format onnx --opset 13
   compress export lenet5-magnitude-global.pt2 --format csr --values int8 --block 1x4
 """
 
@@ -65,7 +67,18 @@ def _block(ctx, param, value):
     type=click.Path(dir_okay=False),
     help="Output file (default: MODEL with .onnx / .csr.safetensors).",
 )
-@click.option("--opset", type=click.IntRange(min=1), help="ONNX opset (default: the exporter's).")
+@click.option(
+    "--opset",
+    type=click.IntRange(min=1),
+    help="ONNX opset, e.g. 11-17 for older runtimes and NPU compilers [default: 18].",
+)
+@click.option(
+    "--exporter",
+    type=click.Choice(["auto", "dynamo", "legacy"]),
+    help="ONNX: torch.onnx exporter; auto uses dynamo (torch.export), else TorchScript "
+    "(legacy) when torch.export cannot capture the model or the opset needs it "
+    "[default: auto].",
+)
 @click.option("--no-verify", is_flag=True, help="Skip the check against PyTorch.")
 @click.option(
     "--sparse-initializers",
@@ -139,6 +152,7 @@ def _export_onnx(loaded, output, sample, verify, opts, protect):
         sparse_initializers=opts["sparse_initializers"],
         sparse_threshold=SPARSE_THRESHOLD if threshold is None else threshold,
         protect=protect,
+        exporter=opts["exporter"] or "auto",
     )
 
 
@@ -168,7 +182,8 @@ def _onnx_summary(result) -> str:
     sparse = (
         f", {result.sparse_initializers} sparse initializers" if result.sparse_initializers else ""
     )
-    head = f"ONNX opset {result.opset}{sparse}"
+    via = " (TorchScript exporter)" if result.exporter == "legacy" else ""
+    head = f"ONNX opset {result.opset}{via}{sparse}"
     if not result.verified:
         return f"{head}; not verified (--no-verify)"
     sizes = ", ".join(map(str, result.batch_sizes))

@@ -257,6 +257,7 @@ def prune(
     from compressor.methods import get_method
     from compressor.methods import prune as run_prune
     from compressor.train import evaluate
+    from compressor.writable import check_writable
 
     output = output or str(default_output(model, method))
     # refuse now, not after hours of training
@@ -283,6 +284,7 @@ def prune(
     test_loader = (
         (data_obj.test or data_obj.val) if data_obj is not None and data_obj.has_labels else None
     )
+    check_writable(loaded.model, output, example_inputs(loaded, data_obj), loaded.format)
     main = distributed.is_main()
     dense_top1 = evaluate(loaded.model, test_loader, task_output) if main else None
     result = run_prune(

@@ -27,7 +27,7 @@ from compressor.errors import CompressorError, InputError
 from compressor.io import atomic_write
 from compressor.outputs import named_outputs
 from exporters._common import eval_mode, first_line, flat_outputs
-from exporters.onnx_errors import export_failure
+from exporters.onnx_export import Exported, export_graph, opset_of
 
 # Tolerance of the onnxruntime check, relative to the output scale (max |PyTorch output|):
 # float32 kernels that sum in another order differ by ~1e-6 relative; 1e-4 leaves room for
@@ -59,6 +59,8 @@ class OnnxExport:
         output_scale: max |PyTorch output| over the sample batches.
         sparse_initializers: how many weights were stored as COO sparse initializers.
         batch_sizes: the batch sizes the graph was run at.
+        exporter: "dynamo" or "legacy" (TorchScript): the torch.onnx exporter that wrote it.
+        exporter_note: why `auto` used the TorchScript exporter ('' when it did not).
     """
 
     path: Path
@@ -70,6 +72,8 @@ class OnnxExport:
     output_scale: float | None = None
     sparse_initializers: int = 0
     batch_sizes: tuple[int, ...] = ()
+    exporter: str = "dynamo"
+    exporter_note: str = ""
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the CLI's --json output)."""
@@ -84,6 +88,8 @@ class OnnxExport:
             "output_scale": self.output_scale,
             "sparse_initializers": self.sparse_initializers,
             "batch_sizes": list(self.batch_sizes),
+            "exporter": self.exporter,
+            "exporter_note": self.exporter_note,
         }
 
 
@@ -98,6 +104,7 @@ def export_onnx(
     sparse_initializers: bool = False,
     sparse_threshold: float = SPARSE_THRESHOLD,
     protect: tuple = (),
+    exporter: str = "auto",
 ) -> OnnxExport:
     """Exports `model` to one self-contained `.onnx` file, verified in onnxruntime.
 
@@ -112,12 +119,13 @@ def export_onnx(
             `sparse_initializer`s (onnxruntime densifies them when it loads the model).
         sparse_threshold: the sparsity (fraction of zeros) from which a weight is stored COO.
         protect: paths the output must not overwrite (the model's own file).
+        exporter: "auto", "dynamo" or "legacy" (`exporters.onnx_export`).
 
     Returns:
         An `OnnxExport` with the file size and the verification's max abs difference.
 
     Raises:
-        InputError: a bad threshold or an opset the exporter cannot produce.
+        InputError: a bad threshold, or an opset or exporter that cannot serve this model.
         CompressorError: the export, the checker or the verification failed; nothing is
             written then.
     """
@@ -125,7 +133,8 @@ def export_onnx(
         raise InputError(f"sparse threshold {sparse_threshold} must be in [0, 1]")
     example_inputs = _batched(example_inputs)
     with eval_mode(model):
-        proto = to_onnx(model, example_inputs, opset=opset)
+        exported = to_onnx_with(model, example_inputs, opset=opset, exporter=exporter)
+        proto = exported.proto
         _set_metadata(proto, report, example_inputs)
         dense_bytes = _serialize(proto)
         count = sparsify_initializers_(proto, sparse_threshold) if sparse_initializers else 0
@@ -133,43 +142,31 @@ def export_onnx(
         check_graph(proto, strict=count == 0)
         result = OnnxExport(Path(path), len(data), _opset_of(proto), verified=verify)
         result.sparse_initializers = count
+        result.exporter, result.exporter_note = exported.exporter, exported.note
         if verify:
             _verify_into(result, data, dense_bytes if count else None, model, example_inputs)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), protect=protect)
     return result
 
 
-def to_onnx(model: nn.Module, example_inputs: tuple, *, opset: int | None = None):
-    """The model as an `onnx.ModelProto` with a dynamic batch axis (torch.onnx, dynamo).
+def to_onnx(
+    model: nn.Module, example_inputs: tuple, *, opset: int | None = None, exporter: str = "auto"
+):
+    """The model as an `onnx.ModelProto` with a dynamic batch axis (see `to_onnx_with`)."""
+    return to_onnx_with(model, example_inputs, opset=opset, exporter=exporter).proto
+
+
+def to_onnx_with(
+    model: nn.Module, example_inputs: tuple, *, opset: int | None = None, exporter: str = "auto"
+) -> Exported:
+    """The graph and the exporter that wrote it (`exporters.onnx_export.export_graph`).
 
     Raises:
-        InputError: the requested opset could not be produced.
+        InputError: the requested opset or exporter cannot be used for this model.
         CompressorError: torch.onnx could not export the model.
     """
-    output_names = _output_names(model, example_inputs)
-    batch = torch.export.Dim("batch")
-    try:
-        with _quiet_exporter():
-            program = torch.onnx.export(
-                model,
-                tuple(example_inputs),
-                None,
-                input_names=_names("input", len(example_inputs)),
-                output_names=output_names,
-                opset_version=opset,
-                dynamic_shapes=tuple({0: batch} for _ in example_inputs),
-                external_data=False,
-                verbose=False,
-            )
-    except Exception as exc:  # the exporter raises a zoo of types; name the op that failed
-        raise export_failure(model, example_inputs, exc, opset) from exc
-    proto = program.model_proto
-    if opset is not None and _opset_of(proto) != opset:
-        raise InputError(
-            f"--opset {opset}: the exporter cannot produce opset {opset} for this model (it "
-            f"produced {_opset_of(proto)}); use --opset {_opset_of(proto)} or later, or omit it"
-        )
-    return proto
+    names = (_names("input", len(example_inputs)), _output_names(model, example_inputs))
+    return export_graph(model, example_inputs, names, opset=opset, exporter=exporter)
 
 
 def sparsify_initializers_(proto: onnx.ModelProto, threshold: float) -> int:
@@ -344,7 +341,7 @@ def _serialize(proto: onnx.ModelProto) -> bytes:
 
 
 def _opset_of(proto: onnx.ModelProto) -> int:
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return opset_of(proto)
 
 
 def _output_names(model: nn.Module, example_inputs: tuple) -> list[str]:

@@ -617,3 +617,184 @@ class SigmoidPadded(nn.Module):
 
     def forward(self, x):
         return self.fc(self.conv2(torch.sigmoid(self.conv1(x))).mean((2, 3)))
+
+
+# --- models-onnx branch: graphs converted from ONNX, and a model torch.export cannot capture --
+# The Onnx* modules mirror onnx2torch 1.5's (its node_converters), without depending on it: one
+# custom module per ONNX op, most of them a line of plain torch ops.
+
+
+def _onnx_div(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """onnx2torch's Div: a Python branch on the dtype, which torch.fx cannot trace."""
+    if first.is_floating_point() or second.is_floating_point():
+        return torch.div(first, second)
+    return torch.div(first, second, rounding_mode="trunc")
+
+
+class OnnxBinaryMathOperation(nn.Module):
+    """onnx2torch's Add / Sub / Mul / Div."""
+
+    def __init__(self, operation_type: str):
+        super().__init__()
+        functions = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": _onnx_div}
+        self.math_op_function = functions[operation_type]
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return self.math_op_function(first, second)
+
+
+class OnnxHardSigmoid(nn.Module):
+    def __init__(self, alpha: float = 1 / 6, beta: float = 0.5):
+        super().__init__()
+        self.alpha, self.beta = alpha, beta
+
+    def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        return torch.clip(input_tensor * self.alpha + self.beta, min=0.0, max=1.0)
+
+
+class OnnxHardSwish(nn.Module):
+    def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        return input_tensor * torch.clip(input_tensor / 6 + 0.5, min=0.0, max=1.0)
+
+
+class OnnxGlobalAveragePoolWithKnownInputShape(nn.Module):
+    def __init__(self, input_shape: list[int]):
+        super().__init__()
+        self._x_dims = list(range(2, len(input_shape)))
+
+    def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        def _forward() -> torch.Tensor:
+            return torch.mean(input_tensor, dim=self._x_dims, keepdim=True)
+
+        if torch.onnx.is_in_onnx_export():  # onnx2torch exports its own GlobalAveragePool here
+            return _forward()
+        return _forward()
+
+
+class OnnxPadStatic(nn.Module):
+    def __init__(self, pads: list[int], mode: str = "constant", constant_value: float = 0.0):
+        super().__init__()
+        self.pads, self.mode, self.constant_value = pads, mode, constant_value
+
+    def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(input_tensor, self.pads, mode=self.mode, value=self.constant_value)
+
+
+class OnnxConcat(nn.Module):
+    def __init__(self, axis: int):
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, *input_tensors) -> torch.Tensor:
+        return torch.cat(input_tensors, self.axis)
+
+
+class OnnxFlatten(nn.Module):
+    def __init__(self, axis: int = 1):
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, end_dim=self.axis - 1)
+        return torch.flatten(x, start_dim=1)
+
+
+class OnnxReshape(nn.Module):
+    """onnx2torch's Reshape: a Python branch on a tensor, so torch.fx cannot trace into it."""
+
+    def forward(self, input_tensor: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        if torch.any(shape == 0):
+            shape = [input_tensor.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+        return torch.reshape(input_tensor, torch.Size(shape))
+
+
+def onnx_mobile(
+    in_channels: int = 1, num_classes: int = 10, size: int = 8, reshape: bool = False
+) -> torch.fx.GraphModule:
+    """A MobileNetV3-style block as onnx2torch converts it: a GraphModule of Onnx* modules.
+
+    Stem (pad, conv, BN, hard-swish, divide by a constant), expand 1x1, depthwise 3x3, squeeze-excite (pool, two
+    1x1 convs, hard-sigmoid, multiply), project 1x1 with a residual add, a concat, head
+    conv, pool, flatten (or, with `reshape`, onnx2torch's untraceable Reshape) and Linear.
+    """
+    layers = {
+        "Pad_0": OnnxPadStatic([1, 1, 1, 1]),
+        "Conv_1": nn.Conv2d(in_channels, 8, 3),
+        "BatchNormalization_2": nn.BatchNorm2d(8),
+        "HardSwish_3": OnnxHardSwish(),
+        "Div_25": OnnxBinaryMathOperation("Div"),  # by a constant, as converted graphs do
+        "Conv_4": nn.Conv2d(8, 16, 1),
+        "BatchNormalization_5": nn.BatchNorm2d(16),
+        "Relu_6": nn.ReLU(),
+        "Conv_7": nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        "BatchNormalization_8": nn.BatchNorm2d(16),
+        "Relu_9": nn.ReLU(),
+        "GlobalAveragePool_10": OnnxGlobalAveragePoolWithKnownInputShape([2, 16, size, size]),
+        "Conv_11": nn.Conv2d(16, 4, 1),
+        "Relu_12": nn.ReLU(),
+        "Conv_13": nn.Conv2d(4, 16, 1),
+        "HardSigmoid_14": OnnxHardSigmoid(),
+        "Mul_15": OnnxBinaryMathOperation("Mul"),
+        "Conv_16": nn.Conv2d(16, 8, 1),
+        "BatchNormalization_17": nn.BatchNorm2d(8),
+        "Add_18": OnnxBinaryMathOperation("Add"),
+        "Concat_19": OnnxConcat(axis=1),
+        "Conv_20": nn.Conv2d(16, 24, 1),
+        "HardSwish_21": OnnxHardSwish(),
+        "GlobalAveragePool_22": OnnxGlobalAveragePoolWithKnownInputShape([2, 24, size, size]),
+        "Flatten_23": OnnxReshape() if reshape else OnnxFlatten(1),
+        "Gemm_24": nn.Linear(24, num_classes),
+    }
+    root = nn.Module()
+    for name, layer in layers.items():
+        root.add_module(name, layer)
+    root.register_buffer("shape_const", torch.tensor([-1, 24]))
+    root.register_buffer("div_const", torch.tensor(2.0))
+    graph = torch.fx.Graph()
+    x = graph.placeholder("input_1")
+    out = {}
+
+    def call(name, *args):
+        out[name] = graph.call_module(name, args)
+        return out[name]
+
+    y = x
+    for name in list(layers)[:4]:
+        y = call(name, y)
+    stem = call("Div_25", y, graph.get_attr("div_const"))
+    y = stem
+    for name in list(layers)[5:11]:
+        y = call(name, y)
+    s = call("HardSigmoid_14", call("Conv_13", call("Relu_12", call("Conv_11", call(
+        "GlobalAveragePool_10", y)))))  # fmt: skip
+    y = call("BatchNormalization_17", call("Conv_16", call("Mul_15", y, s)))
+    y = call("Concat_19", call("Add_18", y, stem), stem)
+    y = call("GlobalAveragePool_22", call("HardSwish_21", call("Conv_20", y)))
+    flat = call("Flatten_23", y, graph.get_attr("shape_const")) if reshape else call(
+        "Flatten_23", y)  # fmt: skip
+    graph.output(call("Gemm_24", flat))
+    return randomize_bn_(torch.fx.GraphModule(root, graph, "OnnxMobile"))
+
+
+def onnx_mobile_reshape(in_channels: int = 1, num_classes: int = 10) -> torch.fx.GraphModule:
+    """`onnx_mobile` with onnx2torch's Reshape before the classifier."""
+    return onnx_mobile(in_channels, num_classes, reshape=True)
+
+
+class GuardedMLP(nn.Module):
+    """An MLP with an input-range guard: a Python branch on a tensor value.
+
+    torch.export cannot capture it (the branch depends on data); torch.fx cannot trace it; the
+    TorchScript ONNX exporter traces the branch that real inputs take.
+    """
+
+    def __init__(self, in_features: int = 64, num_classes: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        if float(x.abs().max()) > 1e6:  # scale wild inputs down
+            x = x / 1e6
+        return self.fc2(torch.relu(self.fc1(x)))

@@ -160,16 +160,18 @@ class _DataDependent(nn.Module):
 
 
 def test_unexportable_model_is_a_clear_error(tmp_path):
-    with pytest.raises(CompressorError, match="torch.onnx could not export _DataDependent"):
-        export_onnx(_DataDependent(), tmp_path / "m.onnx", (torch.randn(2, 3),))
+    with pytest.raises(InputError, match="torch.onnx could not export _DataDependent"):
+        export_onnx(_DataDependent(), tmp_path / "m.onnx", (torch.randn(2, 3),), exporter="dynamo")
 
 
 def test_opset_is_honoured_or_refused(tmp_path):
     model = _zoo_model("lenet300", False)
     result = export_onnx(model, tmp_path / "a.onnx", (_inputs(2),), opset=18)
-    assert result.opset == 18
-    with pytest.raises(InputError, match="--opset 13"):
-        export_onnx(model, tmp_path / "b.onnx", (_inputs(2),), opset=13)
+    assert result.opset == 18 and result.exporter == "dynamo"
+    result = export_onnx(model, tmp_path / "b.onnx", (_inputs(2),), opset=13)
+    assert result.opset == 13 and result.exporter == "legacy"
+    with pytest.raises(InputError, match="--opset 6"):
+        export_onnx(model, tmp_path / "c.onnx", (_inputs(2),), opset=6)
 
 
 def test_never_overwrites_the_input_and_keeps_train_mode(tmp_path):

@@ -44,13 +44,17 @@ def test_cli_names_the_op_and_module_and_writes_nothing(tmp_path):
     result = CliRunner().invoke(cli, ["export", str(model), "-o", str(out)])
     assert result.exit_code == 1
     opset = torch.onnx._constants.ONNX_DEFAULT_OPSET
-    assert result.output.strip() == "Error: " + EXPECTED.format(opset=opset)
+    # auto tried the TorchScript exporter too, so the remedy no longer names it
+    dynamo_part = EXPECTED.format(opset=opset).replace(" or try --exporter legacy", "")
+    assert result.output.strip().startswith(f"Error: {dynamo_part}; the TorchScript exporter")
+    assert "aten::cummax" in result.output.split("TorchScript exporter")[1]
+    assert len(result.output.strip().splitlines()) == 1
     assert "Next steps" not in result.output and not out.exists()
 
 
 def test_api_raises_with_the_requested_opset(tmp_path):
     with pytest.raises(CompressorError) as info:
-        export_onnx(CummaxNet(), tmp_path / "m.onnx", _sample(), opset=18)
+        export_onnx(CummaxNet(), tmp_path / "m.onnx", _sample(), opset=18, exporter="dynamo")
     assert str(info.value) == EXPECTED.format(opset=18)
     assert not isinstance(info.value, InputError) and not (tmp_path / "m.onnx").exists()
 

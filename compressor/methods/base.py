@@ -300,7 +300,10 @@ def prune(
         check_ranks=check_ranks,
     ) as run:
         with task_output(instance.config.output):
-            result = instance.run(data)
+            try:
+                result = instance.run(data)
+            except TargetNotReachedError as exc:
+                raise with_pins(exc, model, instance) from exc
         digests = run.check("the final model", result.model) if distributed.active() else None
     if (checkpoint_path is not None or resume is not None) and not run.phases:
         warnings.warn(
@@ -319,5 +322,26 @@ def prune(
     leftovers = has_machinery(result.model)
     if leftovers:
         raise TargetNotReachedError(f"{method}: machinery left on {leftovers} after finalize()")
-    check_target(result.report, budget)
+    try:
+        check_target(result.report, budget)
+    except TargetNotReachedError as exc:
+        raise with_pins(exc, model, instance) from exc
     return result
+
+
+def with_pins(exc: TargetNotReachedError, model: nn.Module, method: Method) -> Exception:
+    """A structured method's budget error, naming the ops that pin the most channels.
+
+    Falls back to `exc` itself when the method has no example inputs, counts weights, or
+    the model cannot be analysed (the budget error is the one to report then).
+    """
+    example = getattr(method, "example", None)
+    if example is None or method.budget.metric == "weights":
+        return exc
+    from compressor.surgery.pins import describe_pins
+
+    try:
+        pins = describe_pins(model, example)
+    except Exception:  # an explanation must never replace the error it explains
+        return exc
+    return TargetNotReachedError(f"{exc}; {pins}") if pins else exc

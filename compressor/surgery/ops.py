@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx, nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from compressor.surgery import shape_ops as shp
 from compressor.surgery.graph import Use
@@ -34,8 +35,33 @@ def rule_for(walker: Walker, node: fx.Node) -> Rule:
 
 
 def unknown(walker: Walker, node: fx.Node) -> None:
-    """An op no rule knows: the channels it reads are fixed."""
+    """An op no rule knows: the channels it reads are fixed (unless plain element-wise)."""
+    if node.op == "call_module" and _elementwise_inside(walker, node):
+        return elementwise(walker, node)
     walker.mix(node, "unsupported op")
+
+
+def _elementwise_inside(walker: Walker, node: fx.Node) -> bool:
+    """True when a module fx could not enter runs only element-wise torch ops.
+
+    Such a module (onnx2torch's Div branches on `is_floating_point()`, which fx cannot
+    answer) is traced once more by make_fx on the recorded inputs, where Python sees real
+    tensors. Only a module without parameters or buffers whose ops all act per element
+    qualifies: it then works unchanged on fewer channels.
+    """
+    module = walker.module(node)
+    if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        return False
+    if not isinstance(walker.values[node], torch.Tensor):
+        return False
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: walker.values[n])
+    try:
+        with torch.no_grad():
+            inner = make_fx(lambda *a: module(*a, **kwargs))(*args)
+    except Exception:  # anything make_fx cannot run: stay conservative
+        return False
+    ops = [n for n in inner.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    return bool(ops) and all(op_name(n) in _PER_ELEMENT for n in ops)
 
 
 # --- layers --------------------------------------------------------------------------------
@@ -360,6 +386,7 @@ _NAMED_RULES: list[tuple[str, Rule]] = [
     ("stack", stack),
     ("pad constant_pad_nd", pad),
 ]
+_PER_ELEMENT = frozenset((_PASSTHROUGH + _ELEMENTWISE).split())
 FUNCTION_RULES: dict[str, Rule] = {
     name: rule for names, rule in _NAMED_RULES for name in names.split()
 }

@@ -60,7 +60,7 @@ def trace(model: nn.Module, example_inputs: tuple) -> Traced:
     """
     inputs = as_tuple(example_inputs)
     if isinstance(model, fx.GraphModule):
-        gm, source, note = model, "graph", ""
+        gm, source, note = _through_custom_modules(model)
     else:
         try:
             gm, source, note = symbolic_trace(model), "fx", ""
@@ -79,11 +79,64 @@ class _Tracer(fx.Tracer):
         return isinstance(m, SelectedLinear) or super().is_leaf_module(m, module_qualified_name)
 
 
-def symbolic_trace(model: nn.Module) -> fx.GraphModule:
-    """`fx.symbolic_trace` with `_Tracer`."""
-    tracer = _Tracer()
+class _ThroughTracer(_Tracer):
+    """Also traces into custom modules (onnx2torch's OnnxBinaryMathOperation, ...).
+
+    A graph converted from ONNX calls one custom module per ONNX op; most are a line of plain
+    torch ops (torch.add, torch.mean, F.pad) that the per-op rules know. Only modules fx
+    cannot trace on their own (a Python branch on a tensor, as in onnx2torch's OnnxReshape)
+    stay leaves, and the op rules then name them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._traceable: dict[int, bool] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if not is_custom(m):
+            return super().is_leaf_module(m, module_qualified_name)
+        if id(m) not in self._traceable:
+            self._traceable[id(m)] = _traces_alone(m)
+        return not self._traceable[id(m)]
+
+
+def is_custom(module: nn.Module) -> bool:
+    """True for a module class defined outside torch and this toolkit (not a GraphModule).
+
+    The toolkit's own modules (SelectedLinear, ResidualJoin) keep the meaning surgery gives
+    them as leaves.
+    """
+    home = type(module).__module__
+    return not home.startswith(("torch.", "compressor.")) and not isinstance(module, fx.GraphModule)
+
+
+def _traces_alone(module: nn.Module) -> bool:
+    try:
+        _Tracer().trace(module)
+    except Exception:  # fx raises TraceError, TypeError, AttributeError, ...
+        return False
+    return True
+
+
+def symbolic_trace(model: nn.Module, tracer: fx.Tracer | None = None) -> fx.GraphModule:
+    """`fx.symbolic_trace` with `_Tracer` (or the given tracer)."""
+    tracer = tracer or _Tracer()
     graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _through_custom_modules(gm: fx.GraphModule) -> tuple[fx.GraphModule, str, str]:
+    """`gm` itself, or when its nodes call custom modules, a trace through them.
+
+    Retracing keeps the module objects, so slicing a layer still slices the given model.
+    """
+    called = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    if not any(is_custom(m) for m in called):
+        return gm, "graph", ""
+    try:
+        return symbolic_trace(gm, _ThroughTracer()), "fx", ""
+    except Exception as exc:  # keep the graph as given; its custom ops stay opaque
+        return gm, "graph", f"cannot trace into its custom modules: {_first_line(exc)}"
 
 
 def _export(model: nn.Module, inputs: tuple, fx_reason: str) -> fx.GraphModule:
