@@ -300,7 +300,11 @@ def cases() -> list[Case]:
             ],
             2,
         ),
-        Case("-o in a missing folder", [*s, "--data", "digits", "-o", "nodir/o.pt2"], 2),
+        Case(
+            "-o in a missing folder (created)",
+            [*s, "--data", "digits", "-o", "nodir/o.pt2"],
+            0,
+        ),
         Case("-o under a file", [*s, "--data", "digits", "-o", "dense.pt2/o.pt2"], 2),
         Case(
             "--report under a file",
