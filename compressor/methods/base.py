@@ -25,7 +25,15 @@ from torch import nn
 from compressor import checkpoint, distributed
 from compressor.budget import Budget, parse_budget
 from compressor.errors import CompressorWarning, InputError, TargetNotReachedError
-from compressor.masks import apply_masks_, has_machinery, prunable_layers, strip_
+from compressor.guard import check_no_collapse
+from compressor.masks import (
+    apply_masks_,
+    has_machinery,
+    layer_floors,
+    prunable_layers,
+    strip_,
+    weight_of,
+)
 from compressor.stats import sparsity_of
 
 if TYPE_CHECKING:
@@ -39,6 +47,9 @@ class MethodConfig:
     """Options every method has."""
 
     exclude: tuple[str, ...] = ()  # module-path globs never pruned (e.g. "fc", "layer1.*")
+    # A layer left with no weight makes the output constant: a floor per layer prevents it
+    # (masks.layer_floors) and prune() fails on an emptied layer, unless this is True.
+    allow_layer_collapse: bool = False
 
 
 @dataclass
@@ -140,6 +151,12 @@ class Method:
         """The method's own schedule (post-training methods: prepare then finalize)."""
         self.prepare()
         return self.finalize()
+
+    def floors(self, keep_total: int) -> dict[str, int] | None:
+        """Per-layer minimum kept weights for `keep_total` in all (None: collapse allowed)."""
+        if self.config.allow_layer_collapse:
+            return None
+        return layer_floors({f: weight_of(m).shape for f, m in self.layers.items()}, keep_total)
 
     def base_report(self) -> dict:
         """The fields every report has: method, config, budget, per-layer sparsity."""
@@ -307,4 +324,6 @@ def prune(
     if leftovers:
         raise TargetNotReachedError(f"{method}: machinery left on {leftovers} after finalize()")
     check_target(result.report, budget)
+    if not instance.config.allow_layer_collapse:
+        check_no_collapse(result.model, instance.config.exclude, method)
     return result

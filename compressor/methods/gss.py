@@ -249,7 +249,8 @@ class Gss(Method):
 
     def _mask_weights(self) -> None:
         keep = None if self.config.prune == "threshold" else self.budget.keep
-        masks = gss_prune.element_masks(self.layers, keep, self.config.ratio, self.config.rank)
+        cfg = self.config
+        masks = gss_prune.element_masks(self.layers, keep, cfg.ratio, cfg.rank, self.floors)
         if keep is not None:
             official = gss_prune.element_masks(self.layers, None, self.config.ratio)
             kept = sum(int(m.sum()) for m in official.values())

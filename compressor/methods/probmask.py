@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
 from compressor.errors import InputError
-from compressor.masks import apply_masks_, strip_, weight_of
+from compressor.masks import apply_masks_, global_topk, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
 from compressor.train import cosine_lambda, fit, recalibrate_batchnorm_, sgd
 
@@ -409,14 +409,9 @@ class ProbMask(Method):
 
     def _topk(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Exactly round(keep * n) weights with the largest s; ties go to larger |w|."""
-        flat_s = torch.cat([s.flatten() for s in scores.values()])
-        flat_w = torch.cat([weight_of(self.layers[f]).detach().abs().flatten() for f in scores])
-        order = torch.sort(flat_w, descending=True, stable=True).indices
-        order = order[torch.sort(flat_s[order], descending=True, stable=True).indices]
-        keep = torch.zeros_like(flat_s, dtype=torch.bool)
-        keep[order[: round(self.budget.keep * flat_s.numel())]] = True
-        chunks = torch.split(keep, [s.numel() for s in scores.values()])
-        return {f: c.view_as(s) for (f, s), c in zip(scores.items(), chunks)}
+        magnitudes = {f: weight_of(self.layers[f]).detach().abs() for f in scores}
+        count = round(self.budget.keep * sum(s.numel() for s in scores.values()))
+        return global_topk(scores, count, self.floors(count), tiebreak=magnitudes)
 
     @torch.no_grad()
     def _best_of_n(self, scores: dict[str, torch.Tensor], loader: DataLoader):
