@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from compressor import checkpoint, distributed
+from compressor import checkpoint, distill, distributed
 from compressor.budget import Budget, parse_budget
 from compressor.errors import CompressorWarning, InputError, TargetNotReachedError
 from compressor.guard import check_no_collapse
@@ -37,7 +37,10 @@ from compressor.masks import (
 from compressor.stats import sparsity_of
 
 if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
     from compressor.data import Data
+    from compressor.train import Distill
 
 TARGET_TOLERANCE = 0.005  # DESIGN.md: achieved within 0.5 % of the request
 
@@ -105,6 +108,10 @@ class Method:
     demo_config: ClassVar[dict] = {}  # overrides that keep `compress demo` within minutes
     smoke_config: ClassVar[dict] = {}  # the fewest steps that still run every phase (tests)
     demo_budget: ClassVar[str | None] = None  # a structured method's budget in the demo
+    # set by `training_data()`: the report's labels entry, and the dense model's soft
+    # targets when the data had no labels (compressor.distill)
+    labels: dict | None = None
+    soft_targets: Distill | None = None
 
     def __init__(
         self, model: nn.Module, budget: Budget, config: MethodConfig | None = None, **overrides
@@ -157,6 +164,19 @@ class Method:
         if self.config.allow_layer_collapse:
             return None
         return layer_floors({f: weight_of(m).shape for f, m in self.layers.items()}, keep_total)
+
+    def training_data(
+        self,
+        data: Data,
+        batch_size: int,
+        temperature: float = distill.TEMPERATURE,
+        alpha: float = distill.ALPHA,
+    ) -> DataLoader:
+        """The training loader; without labels, pseudo-labelled by the model as it is now
+        (call before changing it), whose soft targets become `soft_targets`."""
+        found = distill.training_data(data, batch_size, self.model, temperature, alpha)
+        self.labels, self.soft_targets = found.report, found.soft
+        return found.loader
 
     def base_report(self) -> dict:
         """The fields every report has: method, config, budget, per-layer sparsity."""
@@ -312,6 +332,7 @@ def prune(
             CompressorWarning,
             stacklevel=2,
         )
+    result.report |= instance.labels or {}
     result.report["seconds"] = time.perf_counter() - start
     result.report["seed"] = seed
     if digests is not None:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from compressor.masks import apply_masks_, global_topk, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
-from compressor.methods.probmask import finetune_masked_, train_loader
+from compressor.methods.probmask import finetune_masked_
 from compressor.train import cosine_lambda, fit, sgd
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ class GradualMagnitude(Method):
 
     def run(self, data: Data | None) -> Result:
         cfg = self.config
-        loader = train_loader(data, cfg.batch_size)
+        loader = self.training_data(data, cfg.batch_size)
         self.prepare()
         total = cfg.epochs * len(loader)
         if total:
@@ -136,6 +136,7 @@ class GradualMagnitude(Method):
                 optimizer=optimizer,
                 scheduler=scheduler,
                 after_step=self.step,
+                distill=self.soft_targets,
                 description="gmp",
             )
         return self.finalize(loader)
@@ -149,7 +150,13 @@ class GradualMagnitude(Method):
         if loader is not None:
             wd = cfg.weight_decay
             finetune_masked_(
-                self.model, loader, cfg.finetune_epochs, cfg.finetune_lr, cfg.momentum, wd
+                self.model,
+                loader,
+                cfg.finetune_epochs,
+                cfg.finetune_lr,
+                cfg.momentum,
+                wd,
+                self.soft_targets,
             )
         strip_(self.model)
         self.model.eval()

@@ -42,7 +42,6 @@ from compressor.methods.base import (
     Result,
     register_method,
 )
-from compressor.methods.probmask import train_loader
 from compressor.stats import measure
 from compressor.surgery import channel_groups, slim_
 from compressor.surgery.select import input_feature_layers, select_inputs_, with_input_features
@@ -231,7 +230,7 @@ class Gss(Method):
     def run(self, data: Data | None) -> Result:
         """Regularised training, pruning, fine-tuning with fixed masks (and slimming)."""
         cfg = self.config
-        loader = train_loader(data, cfg.batch_size)
+        loader = self.training_data(data, cfg.batch_size)
         self.prepare(data.sample_inputs(2))
         if cfg.epochs > 0:
             fit(
@@ -241,6 +240,7 @@ class Gss(Method):
                 optimizer=self._optimizer(cfg.lr, 0.0),
                 penalty=self.penalty,
                 after_step=self.step,
+                distill=self.soft_targets,
                 description="gss",
             )
         return self.finalize(loader)
@@ -317,6 +317,7 @@ class Gss(Method):
             epochs=cfg.finetune_epochs,
             optimizer=optimizer,
             scheduler=scheduler,
+            distill=self.soft_targets,
             description="fine-tune",
         )
 

@@ -29,15 +29,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
+from compressor.distill import training_data
 from compressor.errors import InputError
 from compressor.masks import apply_masks_, global_topk, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
-from compressor.train import cosine_lambda, fit, recalibrate_batchnorm_, sgd
+from compressor.train import Distill, cosine_lambda, fit, recalibrate_batchnorm_, sgd, task_loss
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -209,23 +209,33 @@ class ProbMaskScores(nn.Module):
 
 
 def train_loader(data: Data, batch_size: int) -> DataLoader:
-    """The labelled training loader, re-batched to `batch_size` when it differs."""
-    if not data.has_labels:
-        raise InputError(f"data {data.name!r} has no labels; training-time methods need them")
-    loader = data.train
-    if loader.batch_size == batch_size:
-        return loader
-    generator = torch.Generator().manual_seed(data.seed)
-    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    """The labelled training loader, re-batched to `batch_size` when it differs.
+
+    Unlabelled data needs the dense model: see `compressor.distill.training_data`.
+    """
+    return training_data(data, batch_size, None).loader
 
 
 def finetune_masked_(
-    model: nn.Module, loader: DataLoader, epochs: int, lr: float, momentum: float, wd: float
+    model: nn.Module,
+    loader: DataLoader,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    wd: float,
+    distill: Distill | None = None,
 ) -> None:
     """Trains the weights of a model whose masks are fixed (constant lr, as official). In place."""
     if epochs > 0:
         optimizer = sgd(model.parameters(), lr, momentum=momentum, weight_decay=wd)
-        fit(model, loader, epochs=epochs, optimizer=optimizer, description="fine-tune")
+        fit(
+            model,
+            loader,
+            epochs=epochs,
+            optimizer=optimizer,
+            distill=distill,
+            description="fine-tune",
+        )
 
 
 @register_method("probmask")
@@ -291,7 +301,7 @@ class ProbMask(Method):
             prob.tau = tau
 
     def run(self, data: Data | None) -> Result:
-        loader = train_loader(data, self.config.batch_size)
+        loader = self.training_data(data, self.config.batch_size)
         self.prepare()
         self.train(loader)
         return self.finalize(loader)
@@ -312,7 +322,13 @@ class ProbMask(Method):
             recalibrate_batchnorm_(self.model, loader, max_batches=BN_BATCHES)
             wd = cfg.weight_decay
             finetune_masked_(
-                self.model, loader, cfg.finetune_epochs, cfg.finetune_lr, cfg.momentum, wd
+                self.model,
+                loader,
+                cfg.finetune_epochs,
+                cfg.finetune_lr,
+                cfg.momentum,
+                wd,
+                self.soft_targets,
             )
         strip_(self.model)
         self.model.eval()
@@ -376,7 +392,7 @@ class ProbMask(Method):
                 contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
             )
             with sync:
-                loss = F.cross_entropy(net(x), y) / samples
+                loss = task_loss(net(x), y, x, self.soft_targets) / samples
                 loss.backward()
             total += loss.item()
         return total
