@@ -79,3 +79,22 @@ def test_labelled_runs_say_so_and_the_plain_loader_still_refuses(small_digits, u
     assert report["labels"] == "given" and "distilled" not in report
     with pytest.raises(InputError, match="has no labels; give the dense model to distil from"):
         train_loader(unlabelled, 64)
+
+
+def test_cli_prunes_an_npz_without_labels(lenet5_pt2, unlabelled, tmp_path):
+    import numpy as np
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    x = torch.cat([x for x, _ in unlabelled.train]).numpy()
+    np.savez(tmp_path / "inputs.npz", x=x)
+    out = tmp_path / "out.pt2"
+    args = ["prune", str(lenet5_pt2), "-m", "gmp", "--sparsity", "0.9", "--epochs", "1"]
+    args += ["--finetune-epochs", "0", "--data", str(tmp_path / "inputs.npz"), "-o", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "labels: none; distilled from the dense model (soft targets T=4, pseudo-labels)" in (
+        result.output
+    )
+    assert out.exists()
