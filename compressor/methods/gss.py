@@ -82,7 +82,8 @@ class GssConfig(MethodConfig):
     # toolkit's promise); "threshold": the official fixed ratio (the budget is then not met).
     prune: str = "budget"
     # What "budget" ranks: |w| over the whole network (ours: robust after short training),
-    # or "std", the official threshold's units |w| / std(W_l) (can empty a small layer).
+    # or "std", the official threshold's units |w| / std(W_l) (can starve a small layer
+    # down to its floor, masks.layer_floors).
     rank: str = "magnitude"
     epochs: int = 10  # official 250 epochs from a trained model; scaled down for a CPU
     finetune_epochs: int = 5  # official 50 (prun_tune_V.py); scaled down with `epochs`

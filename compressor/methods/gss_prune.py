@@ -41,9 +41,10 @@ def element_masks(
 
     The ranked cut keeps round(keep * n) weights of the n prunable ones, so the sparsity is
     exact to one weight. It ranks |w| over the whole network (rank "magnitude"), or the
-    threshold rule's own units |w| / std(W_l) (rank "std"), which can empty a small layer
-    when the regularised training was short and the layers' distributions differ.
-    `floors` (Method.floors) gives the per-layer minimum counts for the ranked cut.
+    threshold rule's own units |w| / std(W_l) (rank "std"), which can starve a small layer
+    when the regularised training was short and the layers' distributions differ;
+    `floors` (Method.floors: a callable giving per-layer minimum counts for a total) keeps
+    every layer alive in the ranked cut.
     """
     if keep is None:
         return {fqn: standardised(weight_of(m)) >= ratio for fqn, m in layers.items()}
