@@ -53,14 +53,27 @@ def test_global_topk_keeps_floors_and_exact_count():
     assert torch.equal(plain["a"], topk_mask(scores["a"], 5)) and not plain["b"].any()
 
 
+def test_floor_is_spread_over_output_units():
+    scores = {
+        "w": torch.tensor([[9.0, 8.0, 7.0], [1.0, 2.0, 0.0], [0.0, 0.0, 3.0]]),
+        "v": torch.full((20,), 100.0),
+    }
+    masks = global_topk(scores, 20, {"w": 3, "v": 1})
+    # the ranking alone gives w nothing; its floor takes each row's best, not row 0's three
+    assert masks["w"].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
+    assert int(masks["v"].sum()) == 17
+
+
 def test_floors_fall_back_to_one_then_refuse():
     shapes = {
         "conv": torch.Size([8, 1, 3, 3]),
         "big": torch.Size([100, 300]),
         "fc": torch.Size([10, 100]),
     }
-    assert layer_floors(shapes, 1000) == {"conv": 1, "big": 30, "fc": 10}
-    assert layer_floors(shapes, 20) == {"conv": 1, "big": 1, "fc": 1}
+    # a tenth of the global density 1000 / 31072, rounded up; the last layer: one per row
+    assert layer_floors(shapes, 1000) == {"conv": 1, "big": 97, "fc": 10}
+    assert layer_floors(shapes, 13) == {"conv": 1, "big": 2, "fc": 10}
+    assert layer_floors(shapes, 12) == {"conv": 1, "big": 1, "fc": 1}  # cannot pay: one each
     with pytest.raises(InputError, match="2 weights for 3 prunable layers.*--allow-layer-collapse"):
         layer_floors(shapes, 2)
 
