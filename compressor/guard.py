@@ -26,13 +26,18 @@ def empty_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
     ]
 
 
-def check_no_collapse(model: nn.Module, exclude: tuple[str, ...], method: str) -> None:
+def check_no_collapse(
+    model: nn.Module, exclude: tuple[str, ...], method: str, already_empty: tuple[str, ...] = ()
+) -> None:
     """Raises LayerCollapseError naming every prunable layer left with no weight.
 
+    Args:
+        already_empty: layers that were all zero before compression (not the method's doing).
+
     Raises:
-        LayerCollapseError: some layer is all zero.
+        LayerCollapseError: some other layer is all zero.
     """
-    empty = empty_layers(model, exclude)
+    empty = [fqn for fqn in empty_layers(model, exclude) if fqn not in already_empty]
     if empty:
         raise LayerCollapseError(
             f"{method} left {len(empty)} layer(s) with no non-zero weight "

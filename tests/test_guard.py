@@ -93,6 +93,7 @@ def test_postcondition_names_the_emptied_layer(monkeypatch):
     ):
         check_no_collapse(model, (), "x")
     check_no_collapse(model, ("1",), "x")  # an excluded layer is the user's business
+    check_no_collapse(model, (), "x", already_empty=("1",))  # zero before: not the method's
 
 
 UNSTRUCTURED = [m for m in list_methods() if get_method(m).metrics[0] == "weights"]

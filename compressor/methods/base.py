@@ -25,7 +25,7 @@ from torch import nn
 from compressor import checkpoint, distill, distributed
 from compressor.budget import Budget, parse_budget
 from compressor.errors import CompressorWarning, InputError, TargetNotReachedError
-from compressor.guard import check_no_collapse
+from compressor.guard import check_no_collapse, empty_layers
 from compressor.masks import (
     apply_masks_,
     has_machinery,
@@ -305,6 +305,7 @@ def prune(
         raise InputError(f"method {method!r} needs data ({cls.needs}); pass --data SPEC")
     torch.manual_seed(seed)
     instance = cls(clone_model(model) if copy_model else model, budget, **config)
+    empty_before = tuple(empty_layers(model, instance.config.exclude))
     fingerprint = None
     if checkpoint_path is not None or resume is not None:  # hashing the model costs a pass
         fingerprint = {
@@ -346,5 +347,5 @@ def prune(
         raise TargetNotReachedError(f"{method}: machinery left on {leftovers} after finalize()")
     check_target(result.report, budget)
     if not instance.config.allow_layer_collapse:
-        check_no_collapse(result.model, instance.config.exclude, method)
+        check_no_collapse(result.model, instance.config.exclude, method, empty_before)
     return result
