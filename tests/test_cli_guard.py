@@ -84,3 +84,10 @@ def test_chance_rule():
     assert issubclass(AccuracyCollapseError, Exception) and not issubclass(
         AccuracyCollapseError, InputError
     )
+
+
+def test_allow_layer_collapse_reaches_the_method(lenet5_pt2, tmp_path):
+    args = (lenet5_pt2, "-m", "magnitude-global", "--sparsity", "0.5", "-o", tmp_path / "o.pt2")
+    result = _prune(*args, "--allow-layer-collapse", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["config"]["allow_layer_collapse"] is True
