@@ -260,6 +260,12 @@ METHOD_FLAGS = (
     click.option("--lambda", "lambda_", type=click.FloatRange(min=0), help="Regulariser weight."),
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Weight learning rate."),
     click.option("--batch-size", type=click.IntRange(min=1), help="Batch size."),
+    click.option(
+        "--allow-layer-collapse",
+        is_flag=True,
+        default=None,
+        help="Accept layers left with no weight (by default every layer keeps a few).",
+    ),
 )
 
 

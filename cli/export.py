@@ -25,6 +25,7 @@ ONLY_FOR = {
     "exporter": "onnx",
     "sparse_initializers": "onnx",
     "sparse_threshold": "onnx",
+    "allow_constant_output": "onnx",
     "values": "csr",
     "block": "csr",
     "csr_layers": "csr",
@@ -80,6 +81,11 @@ def _block(ctx, param, value):
     "[default: auto].",
 )
 @click.option("--no-verify", is_flag=True, help="Skip the check against PyTorch.")
+@click.option(
+    "--allow-constant-output",
+    is_flag=True,
+    help="ONNX: export a model whose output ignores its input (else exit 1).",
+)
 @click.option(
     "--sparse-initializers",
     is_flag=True,
@@ -153,6 +159,7 @@ def _export_onnx(loaded, output, sample, verify, opts, protect):
         sparse_threshold=SPARSE_THRESHOLD if threshold is None else threshold,
         protect=protect,
         exporter=opts["exporter"] or "auto",
+        allow_constant=opts["allow_constant_output"],
     )
 
 
@@ -187,9 +194,14 @@ def _onnx_summary(result) -> str:
     if not result.verified:
         return f"{head}; not verified (--no-verify)"
     sizes = ", ".join(map(str, result.batch_sizes))
+    constant = (
+        "; warning: output is constant across inputs: the model ignores its input"
+        if result.constant_output
+        else ""
+    )
     return (
         f"{head}; onnxruntime vs PyTorch at batch sizes {sizes}: max abs difference "
-        f"{result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})"
+        f"{result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g}){constant}"
     )
 
 

@@ -205,6 +205,12 @@ Examples:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
+    "--min-accuracy",
+    type=click.FloatRange(0, 1),
+    help="Fail (exit 1, nothing written) below this held-out top-1, e.g. 0.9 "
+    "[default: fail at chance level when the dense model was above it].",
+)
+@click.option(
     "--checkpoint",
     "checkpoint_path",
     type=click.Path(dir_okay=False),
@@ -242,6 +248,7 @@ def prune(
     report,
     seed,
     as_json,
+    min_accuracy,
     checkpoint_path,
     resume,
     nproc,
@@ -251,6 +258,7 @@ def prune(
     **method_opts,
 ):
     """Compress MODEL with a method to a budget; write a .pt2 with the report embedded."""
+    from cli.guard import check_min_accuracy_usable, check_pruned
     from compressor import distributed
     from compressor.errors import InputError
     from compressor.io import atomic_write, save_model
@@ -281,6 +289,7 @@ def prune(
     loaded = load(model, arch, trust_pickle, data_obj)
     if cls.needs != "nothing" and data_obj is None:
         raise InputError(f"method {method!r} needs --data (it uses {cls.needs})")
+    check_min_accuracy_usable(min_accuracy, data_obj)
     test_loader = (
         (data_obj.test or data_obj.val) if data_obj is not None and data_obj.has_labels else None
     )
@@ -304,6 +313,7 @@ def prune(
     result.report["dense_top1"] = dense_top1
     result.report["top1"] = evaluate(result.model, test_loader, task_output)
     result.report["source"] = str(model)
+    check_pruned(result.report, data_obj, min_accuracy)
     save_model(
         result.model,
         output,

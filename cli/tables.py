@@ -94,6 +94,8 @@ def print_prune_summary(report: dict, output: str) -> None:
         parts = [f"{report['method']}: sparsity {achieved['sparsity']:.2%}"]
     if report.get("top1") is not None:
         parts.append(f"top-1 {report['dense_top1']:.2%} -> {report['top1']:.2%}")
+    if report.get("labels") == "none":
+        parts.append(f"labels: none; distilled {report['distilled']}")
     parts.append(f"{report['seconds']:.1f}s")
     click.echo(", ".join(parts) + f" -> {output}")
     for line in report.get("tied_streams") or ():  # mixed mode fell back for these streams

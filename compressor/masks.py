@@ -8,12 +8,23 @@ into the plain weight so nothing of the machinery survives `finalize()`.
 from __future__ import annotations
 
 import fnmatch
+import math
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compressor.errors import InputError
+
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+# The per-layer floor (issue "Users' models" 6a): a layer keeps at least this share of
+# the global density (and at least one weight), spread over its output units, so a global
+# ranking cannot empty or nearly empty it and make everything after it constant. Global
+# ranking gives layers densities a few times apart (its point); a layer ten times below
+# the mean is where a random-init MobileNetV2 at 90 % lost its signal. The last layer
+# (the classifier) keeps one weight per output unit: a class whose row is all zero has
+# a constant logit.
+FLOOR_SHARE = 0.1
 
 
 class WeightMask(nn.Module):
@@ -83,3 +94,105 @@ def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
         order = torch.sort(flat, descending=True, stable=True).indices
         mask[order[:keep]] = True
     return mask.view_as(scores)
+
+
+def layer_floors(shapes: dict[str, torch.Size], keep_total: int) -> dict[str, int]:
+    """The fewest weights each layer keeps (FLOOR_SHARE of the global density; one per
+    output unit in the last layer).
+
+    A floor of k also means: spread over min(k, rows) output units (`starved`). When the
+    budget cannot pay for those floors, every layer keeps one weight.
+
+    Raises:
+        InputError: `keep_total` is smaller than the number of layers.
+    """
+    sizes = {fqn: math.prod(shape) for fqn, shape in shapes.items()}
+    density = FLOOR_SHARE * keep_total / max(1, sum(sizes.values()))
+    floors = {fqn: min(n, max(1, math.ceil(density * n))) for fqn, n in sizes.items()}
+    if shapes:
+        last = list(shapes)[-1]
+        floors[last] = min(sizes[last], max(floors[last], shapes[last][0]))
+    if sum(floors.values()) > keep_total:
+        floors = {fqn: 1 for fqn in shapes}
+    if sum(floors.values()) > keep_total:
+        raise InputError(
+            f"the budget keeps {keep_total} weights for {len(shapes)} prunable layers, so some "
+            "layer would keep none; lower the sparsity, --exclude layers, or pass "
+            "--allow-layer-collapse"
+        )
+    return floors
+
+
+def global_topk(
+    scores: dict[str, torch.Tensor],
+    keep: int,
+    floors: dict[str, int] | None = None,
+    tiebreak: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Masks keeping exactly `keep` entries of largest score over all layers together.
+
+    Ties go to the larger `tiebreak` (when given), then to the lower position. With
+    `floors`, a layer the ranking starves (see `starved`) first keeps its floor, spread over
+    its output units (`spread_picks`), and the rest of the count goes to the best remaining
+    entries: the total is still exactly `keep`, and where no layer is starved the masks are
+    the plain ranking's.
+    """
+    fqns = list(scores)
+    flat = torch.cat([scores[f].detach().flatten() for f in fqns])
+    order = torch.arange(flat.numel())
+    if tiebreak is not None:
+        second = torch.cat([tiebreak[f].detach().flatten() for f in fqns])
+        order = torch.sort(second, descending=True, stable=True).indices
+    order = order[torch.sort(flat[order], descending=True, stable=True).indices]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    starts = dict(zip(fqns, torch.tensor([0] + [scores[f].numel() for f in fqns]).cumsum(0)))
+    forced = torch.zeros(flat.numel(), dtype=torch.bool)
+    while True:  # each pass forces at least one more layer's floor, so it ends
+        kept = forced.clone()
+        rest = order[~forced[order]]
+        kept[rest[: max(0, keep - int(forced.sum()))]] = True
+        chunks = dict(zip(fqns, torch.split(kept, [scores[f].numel() for f in fqns])))
+        hungry = [f for f in fqns if floors and starved(chunks[f].view_as(scores[f]), floors[f])]
+        if not hungry:
+            return {f: chunks[f].view_as(scores[f]) for f in fqns}
+        for fqn in hungry:
+            start, shape = int(starts[fqn]), scores[fqn].shape
+            picks = spread_picks(rank[start : start + shape.numel()].view(shape), floors[fqn])
+            forced[start + picks] = True
+
+
+def starved(mask: torch.Tensor, floor: int) -> bool:
+    """Whether `mask` keeps fewer than `floor` entries or touches fewer than min(floor,
+    rows) output units (rows of the weight): a floor in one unit leaves the others dead."""
+    rows = mask.reshape(len(mask), -1) if mask.dim() else mask.reshape(1, -1)
+    live_rows = int(rows.any(dim=1).sum())
+    return int(mask.sum()) < floor or live_rows < min(floor, len(rows))
+
+
+def spread_picks(rank: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat indices of `count` entries, best rank first, but each row's best before any
+    row's second best: the floor reaches min(count, rows) output units."""
+    rows = rank.reshape(len(rank), -1) if rank.dim() else rank.reshape(1, -1)
+    sorted_rank, columns = torch.sort(rows, dim=1)
+    depth = torch.arange(rows.shape[1]).expand_as(rows)
+    key = (depth * (int(rank.max()) + 1) + sorted_rank).flatten()
+    chosen = torch.sort(key).indices[:count]
+    row, position = chosen // rows.shape[1], chosen % rows.shape[1]
+    return row * rows.shape[1] + columns[row, position]
+
+
+def floor_counts(counts: dict[str, int], floors: dict[str, int]) -> dict[str, int]:
+    """Per-layer keep counts raised to `floors`, the extra taken from the layers keeping most.
+
+    The total stays the same (the floors' sum never exceeds it: see `layer_floors`).
+    """
+    counts = dict(counts)
+    deficit = sum(max(0, floors[f] - n) for f, n in counts.items())
+    counts = {f: max(n, floors[f]) for f, n in counts.items()}
+    while deficit > 0:
+        richest = max(counts, key=lambda f: counts[f] - floors[f])
+        take = min(deficit, counts[richest] - floors[richest])
+        counts[richest] -= take
+        deficit -= take
+    return counts

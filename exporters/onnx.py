@@ -4,7 +4,8 @@ One self-contained `.onnx` file (weights inline; ONNX's protobuf limit makes tha
 most), a dynamic batch axis, named inputs and outputs, and the compression report in the
 model's `metadata_props`. Nothing is written until the graph has been checked and, unless
 told otherwise, run in onnxruntime on sample inputs at batch size 1 and above, its outputs
-within `RTOL` of PyTorch's relative to the output scale.
+within `RTOL` of PyTorch's relative to the inputs' effect on the output (`exporters.effect`);
+a model whose output is constant across inputs is refused.
 """
 
 from __future__ import annotations
@@ -26,16 +27,15 @@ from torch import nn
 from compressor.errors import CompressorError, InputError
 from compressor.io import atomic_write
 from compressor.outputs import named_outputs
+from exporters import effect
 from exporters._common import eval_mode, first_line, flat_outputs
 from exporters.onnx_export import Exported, export_graph, opset_of
 
-# Tolerance of the onnxruntime check, relative to the output scale (max |PyTorch output|):
-# float32 kernels that sum in another order differ by ~1e-6 relative; 1e-4 leaves room for
-# deep nets while catching any real mismatch (a wrong op is off by O(1)).
+# Tolerance of the onnxruntime check, relative to the inputs' effect (the largest spread
+# of an output across the sample inputs, `exporters.effect`): float32 kernels that sum in
+# another order differ by ~1e-6 relative; 1e-4 leaves room for deep nets while catching
+# any real mismatch (a wrong op is off by O(1) of the effect).
 RTOL = 1e-4
-# Outputs whose scale is below this are compared as if their scale were this, so a model
-# whose outputs are all ~0 is not held to an absolute 1e-10.
-SCALE_FLOOR = 1e-2
 # Default sparsity from which a weight becomes a COO sparse_initializer. COO costs 4 bytes
 # per value plus an int64 index (ONNX requires int64), so it is smaller than the dense
 # float32 tensor only above 2/3 sparsity; 0.7 keeps every converted tensor a saving.
@@ -55,8 +55,12 @@ class OnnxExport:
         opset: the default-domain opset of the graph.
         verified: whether onnxruntime was run against PyTorch.
         max_abs_diff: largest |onnxruntime - PyTorch| over every output and sample batch.
-        tolerance: the largest difference accepted (`RTOL` x output scale).
+        tolerance: the largest difference accepted (`RTOL` x the inputs' effect).
         output_scale: max |PyTorch output| over the sample batches.
+        input_effect: the largest spread of a PyTorch output across the sample inputs
+            (None when they were not distinct).
+        constant_output: the output did not depend on the input (exported only when
+            allowed).
         sparse_initializers: how many weights were stored as COO sparse initializers.
         batch_sizes: the batch sizes the graph was run at.
         exporter: "dynamo" or "legacy" (TorchScript): the torch.onnx exporter that wrote it.
@@ -70,6 +74,8 @@ class OnnxExport:
     max_abs_diff: float | None = None
     tolerance: float | None = None
     output_scale: float | None = None
+    input_effect: float | None = None
+    constant_output: bool = False
     sparse_initializers: int = 0
     batch_sizes: tuple[int, ...] = ()
     exporter: str = "dynamo"
@@ -86,6 +92,8 @@ class OnnxExport:
             "max_abs_diff": self.max_abs_diff,
             "tolerance": self.tolerance,
             "output_scale": self.output_scale,
+            "input_effect": self.input_effect,
+            "constant_output": self.constant_output,
             "sparse_initializers": self.sparse_initializers,
             "batch_sizes": list(self.batch_sizes),
             "exporter": self.exporter,
@@ -105,6 +113,7 @@ def export_onnx(
     sparse_threshold: float = SPARSE_THRESHOLD,
     protect: tuple = (),
     exporter: str = "auto",
+    allow_constant: bool = False,
 ) -> OnnxExport:
     """Exports `model` to one self-contained `.onnx` file, verified in onnxruntime.
 
@@ -120,14 +129,15 @@ def export_onnx(
         sparse_threshold: the sparsity (fraction of zeros) from which a weight is stored COO.
         protect: paths the output must not overwrite (the model's own file).
         exporter: "auto", "dynamo" or "legacy" (`exporters.onnx_export`).
+        allow_constant: export a model whose output ignores its input (else an error).
 
     Returns:
         An `OnnxExport` with the file size and the verification's max abs difference.
 
     Raises:
         InputError: a bad threshold, or an opset or exporter that cannot serve this model.
-        CompressorError: the export, the checker or the verification failed; nothing is
-            written then.
+        CompressorError: the export, the checker or the verification failed, or the output
+            is constant across inputs (`ConstantOutputError`); nothing is written then.
     """
     if not 0.0 <= sparse_threshold <= 1.0:
         raise InputError(f"sparse threshold {sparse_threshold} must be in [0, 1]")
@@ -144,7 +154,8 @@ def export_onnx(
         result.sparse_initializers = count
         result.exporter, result.exporter_note = exported.exporter, exported.note
         if verify:
-            _verify_into(result, data, dense_bytes if count else None, model, example_inputs)
+            dense = dense_bytes if count else None
+            _verify_into(result, data, dense, model, example_inputs, allow_constant)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), protect=protect)
     return result
 
@@ -264,16 +275,25 @@ def verification_batches(example_inputs: tuple) -> list[tuple]:
 
 
 def _verify_into(
-    result: OnnxExport, data: bytes, dense_data: bytes | None, model: nn.Module, example: tuple
+    result: OnnxExport,
+    data: bytes,
+    dense_data: bytes | None,
+    model: nn.Module,
+    example: tuple,
+    allow_constant: bool = False,
 ) -> None:
     max_diff, scale, outputs = compare_onnxruntime(data, model, example)
+    batches = verification_batches(example)
     result.max_abs_diff, result.output_scale = max_diff, scale
-    result.tolerance = RTOL * max(scale, SCALE_FLOOR)
-    result.batch_sizes = tuple(len(b[0]) for b in verification_batches(example))
+    result.input_effect = effect.input_effect(model, batches)
+    result.constant_output = effect.is_constant(result.input_effect, scale)
+    effect.check_effect(result.input_effect, scale, allow_constant)
+    result.tolerance = effect.tolerance(RTOL, result.input_effect, scale)
+    result.batch_sizes = tuple(len(b[0]) for b in batches)
     if max_diff > result.tolerance or not np.isfinite(max_diff):
         raise CompressorError(
             f"onnxruntime and PyTorch disagree: max abs difference {max_diff:.3g} exceeds the "
-            f"tolerance {result.tolerance:.3g} ({RTOL:g} x output scale {scale:.3g})"
+            f"tolerance {result.tolerance:.3g} ({RTOL:g} x the inputs' effect on the output)"
         )
     if dense_data is not None:
         _, _, dense_outputs = compare_onnxruntime(dense_data, model, example)

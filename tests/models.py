@@ -798,3 +798,22 @@ class GuardedMLP(nn.Module):
         if float(x.abs().max()) > 1e6:  # scale wild inputs down
             x = x / 1e6
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+# --- branch models-guard: destroyed models -------------------------------------------
+
+
+class ZeroHead(nn.Module):
+    """An MLP whose last layer's weights are all zero: its output is the bias, whatever the
+    input (what a collapsed classifier looks like)."""
+
+    def __init__(self, features: int = 64, classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(features, 32), nn.ReLU())
+        self.head = nn.Linear(32, classes)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.copy_(torch.linspace(-1.0, 1.0, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))

@@ -59,7 +59,6 @@ from compressor.methods.base import (
     clone_model,
     register_method,
 )
-from compressor.methods.probmask import train_loader
 from compressor.surgery.streams import check_exact
 from compressor.train import Distill, fit, sgd
 
@@ -288,9 +287,11 @@ class Bar(Method):
     def run(self, data: Data | None) -> Result:
         """Phase 1 with gates, the decision and slimming, then phases 2 and 3 slimmed."""
         cfg = self.config
-        loader = train_loader(data, cfg.batch_size)
-        teacher = clone_model(self.model).eval() if cfg.distill else None
-        distill = Distill(teacher, cfg.temperature, cfg.alpha) if teacher is not None else None
+        # without labels the dense model's soft targets and pseudo-labels replace them
+        loader = self.training_data(data, cfg.batch_size, cfg.temperature, cfg.alpha)
+        distill = self.soft_targets
+        if distill is None and cfg.distill:
+            distill = Distill(clone_model(self.model).eval(), cfg.temperature, cfg.alpha)
         self.prepare(data.sample_inputs(2))
         if cfg.epochs > 0:
             optimizer = sgd(self.model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)

@@ -22,15 +22,26 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from compressor import checkpoint, distributed
+from compressor import checkpoint, distill, distributed
 from compressor.budget import Budget, parse_budget
 from compressor.errors import CompressorWarning, InputError, TargetNotReachedError
-from compressor.masks import apply_masks_, has_machinery, prunable_layers, strip_
+from compressor.guard import check_no_collapse, empty_layers
+from compressor.masks import (
+    apply_masks_,
+    has_machinery,
+    layer_floors,
+    prunable_layers,
+    strip_,
+    weight_of,
+)
 from compressor.outputs import check_task_output, task_output
 from compressor.stats import sparsity_of
 
 if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
     from compressor.data import Data
+    from compressor.train import Distill
 
 TARGET_TOLERANCE = 0.005  # DESIGN.md: achieved within 0.5 % of the request
 
@@ -43,6 +54,9 @@ class MethodConfig:
     # the model output the task loss and accuracy read (index or dict key; None: the first);
     # distillation and reconstruction match every output (compressor/outputs.py)
     output: int | str | None = None
+    # A layer left with no weight makes the output constant: a floor per layer prevents it
+    # (masks.layer_floors) and prune() fails on an emptied layer, unless this is True.
+    allow_layer_collapse: bool = False
 
 
 @dataclass
@@ -98,6 +112,10 @@ class Method:
     demo_config: ClassVar[dict] = {}  # overrides that keep `compress demo` within minutes
     smoke_config: ClassVar[dict] = {}  # the fewest steps that still run every phase (tests)
     demo_budget: ClassVar[str | None] = None  # a structured method's budget in the demo
+    # set by `training_data()`: the report's labels entry, and the dense model's soft
+    # targets when the data had no labels (compressor.distill)
+    labels: dict | None = None
+    soft_targets: Distill | None = None
 
     def __init__(
         self, model: nn.Module, budget: Budget, config: MethodConfig | None = None, **overrides
@@ -149,6 +167,25 @@ class Method:
         """The method's own schedule (post-training methods: prepare then finalize)."""
         self.prepare()
         return self.finalize()
+
+    def floors(self, keep_total: int) -> dict[str, int] | None:
+        """Per-layer minimum kept weights for `keep_total` in all (None: collapse allowed)."""
+        if self.config.allow_layer_collapse:
+            return None
+        return layer_floors({f: weight_of(m).shape for f, m in self.layers.items()}, keep_total)
+
+    def training_data(
+        self,
+        data: Data,
+        batch_size: int,
+        temperature: float = distill.TEMPERATURE,
+        alpha: float = distill.ALPHA,
+    ) -> DataLoader:
+        """The training loader; without labels, pseudo-labelled by the model as it is now
+        (call before changing it), whose soft targets become `soft_targets`."""
+        found = distill.training_data(data, batch_size, self.model, temperature, alpha)
+        self.labels, self.soft_targets = found.report, found.soft
+        return found.loader
 
     def base_report(self) -> dict:
         """The fields every report has: method, config, budget, per-layer sparsity."""
@@ -280,6 +317,7 @@ def prune(
     if data is not None and cls.needs != "nothing":  # a wrong --task-output fails now
         classes = data.num_classes if cls.needs == "labels" else None
         check_task_output(instance.model, data.sample_inputs(2), instance.config.output, classes)
+    empty_before = tuple(empty_layers(model, instance.config.exclude))
     fingerprint = None
     if checkpoint_path is not None or resume is not None:  # hashing the model costs a pass
         fingerprint = {
@@ -311,6 +349,7 @@ def prune(
             CompressorWarning,
             stacklevel=2,
         )
+    result.report |= instance.labels or {}
     result.report["seconds"] = time.perf_counter() - start
     result.report["seed"] = seed
     if digests is not None:
@@ -326,6 +365,8 @@ def prune(
         check_target(result.report, budget)
     except TargetNotReachedError as exc:
         raise with_pins(exc, model, instance) from exc
+    if not instance.config.allow_layer_collapse:
+        check_no_collapse(result.model, instance.config.exclude, method, empty_before)
     return result
 
 

@@ -39,7 +39,6 @@ from compressor.methods.base import (
     clone_model,
     register_method,
 )
-from compressor.methods.probmask import train_loader
 from compressor.surgery import mask_
 from compressor.train import Distill
 
@@ -163,9 +162,11 @@ class ChannelMagnitude(Method):
     def run(self, data: Data | None) -> Result:
         """Prune once, re-estimate BatchNorm, then fine-tune as long as BAR trains."""
         cfg = self.config
-        loader = train_loader(data, cfg.batch_size)
-        teacher = clone_model(self.model).eval() if cfg.distill else None
-        distill = Distill(teacher, cfg.temperature, cfg.alpha) if teacher is not None else None
+        # without labels the dense model's soft targets and pseudo-labels replace them
+        loader = self.training_data(data, cfg.batch_size, cfg.temperature, cfg.alpha)
+        distill = self.soft_targets
+        if distill is None and cfg.distill:
+            distill = Distill(clone_model(self.model).eval(), cfg.temperature, cfg.alpha)
         self.prepare(data.sample_inputs(2))
         result = self.finalize()
         recalibrate_and_finetune_(result.model, loader, cfg, distill)

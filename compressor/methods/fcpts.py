@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compressor.errors import InputError
-from compressor.masks import bake_masks_, topk_mask, weight_of
+from compressor.masks import bake_masks_, global_topk, weight_of
 from compressor.methods.base import Result, register_method
 from compressor.methods.fcpts_bridge import DENSITIES, layer_sparsity
 from compressor.methods.fcpts_recon import ReconstructionConfig, ReconstructionMethod, erk_counts
@@ -81,7 +81,10 @@ def initial_score(weight: torch.Tensor, zeros: int, s_min: float, s_max: float) 
 
 
 def exact_masks(
-    weights: dict[str, torch.Tensor], thresholds: dict[str, float], keep_total: int
+    weights: dict[str, torch.Tensor],
+    thresholds: dict[str, float],
+    keep_total: int,
+    floors: dict[str, int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float, int]:
     """Masks after scaling every threshold by one common factor so `keep_total` weights stay.
 
@@ -96,13 +99,17 @@ def exact_masks(
         (`t_l' = t_l * factor`); `ties` counts weights at the boundary ratio that were
         pruned by position rather than by threshold.
     """
-    fqns = list(weights)
-    ratios = torch.cat([weights[f].detach().abs().flatten().double() / thresholds[f] for f in fqns])
-    keep = topk_mask(ratios, keep_total)
-    factor = float(ratios[keep].min()) if keep_total > 0 else math.inf
-    ties = int((ratios >= factor).sum()) - keep_total
-    chunks = torch.split(keep, [weights[f].numel() for f in fqns])
-    return {f: c.view_as(weights[f]) for f, c in zip(fqns, chunks)}, factor, ties
+    ratios = {f: w.detach().abs().double() / thresholds[f] for f, w in weights.items()}
+    masks = global_topk(ratios, keep_total, floors)
+    flat = torch.cat([r.flatten() for r in ratios.values()])
+    kept = torch.cat([m.flatten() for m in masks.values()])
+    # the ranking's boundary: a layer held at its floor (masks.layer_floors) may keep
+    # weights below it, which no common factor explains
+    pruned_max = flat[~kept].max() if bool((~kept).any()) else -math.inf
+    above = flat[kept & (flat >= pruned_max)]
+    factor = float(above.min()) if above.numel() else math.inf
+    ties = int(((flat >= factor) & ~kept).sum())
+    return masks, factor, ties
 
 
 @register_method("fcpts")
@@ -128,7 +135,7 @@ class Fcpts(ReconstructionMethod):
 
     def prepare(self) -> None:
         """Installs a ThresholdMask on every prunable layer, at its ERK sparsity."""
-        counts = erk_counts(self.layers, self.budget.sparsity, self.budget.keep)
+        counts = erk_counts(self.layers, self.budget.sparsity, self.budget.keep, self.floors)
         self.erk = {f: 1.0 - counts[f] / self.sizes[f] for f in self.layers}
         self._order = {f: list(m._parameters) for f, m in self.layers.items()}
         for fqn, module in self.layers.items():
@@ -187,7 +194,7 @@ class Fcpts(ReconstructionMethod):
         learned = self.allocation(learned_t)
         weights = {f: weight_of(m).detach() for f, m in self.layers.items()}
         keep_total = round(self.budget.keep * self.total)
-        masks, factor, ties = exact_masks(weights, learned_t, keep_total)
+        masks, factor, ties = exact_masks(weights, learned_t, keep_total, self.floors(keep_total))
         for fqn, module in self.layers.items():
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
             # removal re-registers `weight` last; restore the order so the state_dict's

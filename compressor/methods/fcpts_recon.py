@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from compressor import distributed
 from compressor.errors import InputError
-from compressor.masks import apply_masks_, strip_, weight_of
+from compressor.masks import apply_masks_, floor_counts, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, clone_model, register_method
 from compressor.methods.magnitude import erk_densities, exact_counts, masks_from_counts
 from compressor.outputs import distill_loss, flat_tensors
@@ -196,11 +196,26 @@ class ReconstructionMethod(Method):
         return {"loss": loss_summary(self.history)} if self.history is not None else {}
 
 
-def erk_counts(layers: dict[str, nn.Module], sparsity: float, keep: float) -> dict[str, int]:
-    """Per-layer keep counts of the ERK allocation, summing exactly to the global target."""
+def erk_counts(
+    layers: dict[str, nn.Module], sparsity: float, keep: float, floors=None
+) -> dict[str, int]:
+    """Per-layer keep counts of the ERK allocation, summing exactly to the global target.
+
+    Args:
+        floors: a callable giving per-layer minimum counts for a total (Method.floors).
+    """
     sizes = {f: weight_of(m).numel() for f, m in layers.items()}
     densities = erk_densities(layers, sparsity)
-    return exact_counts(densities, sizes, round(keep * sum(sizes.values())))
+    counts = exact_counts(densities, sizes, round(keep * sum(sizes.values())))
+    minimum = floors(sum(counts.values())) if floors is not None else None
+    return counts if minimum is None else floor_counts(counts, minimum)
+
+
+def erk_masks(method: Method) -> dict[str, torch.Tensor]:
+    """`method`'s ERK magnitude masks, each layer at least at its floor (Method.floors)."""
+    sparsity, keep = method.budget.sparsity, method.budget.keep
+    counts = erk_counts(method.layers, sparsity, keep, method.floors)
+    return masks_from_counts(method.layers, counts, method.floors(sum(counts.values())))
 
 
 @register_method("erk-recon")
@@ -208,8 +223,7 @@ class ErkReconstruction(ReconstructionMethod):
     """ERK magnitude masks, fixed, then the FCPTS weight reconstruction (a POT-like baseline)."""
 
     def prepare(self) -> None:
-        counts = erk_counts(self.layers, self.budget.sparsity, self.budget.keep)
-        apply_masks_(self.layers, masks_from_counts(self.layers, counts))
+        apply_masks_(self.layers, erk_masks(self))
 
     def finalize(self) -> Result:
         strip_(self.model)

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
-from compressor.masks import apply_masks_, strip_, topk_mask, weight_of
+from compressor.masks import apply_masks_, global_topk, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
-from compressor.methods.probmask import finetune_masked_, train_loader
+from compressor.methods.probmask import finetune_masked_
 from compressor.train import cosine_lambda, fit, sgd
 
 if TYPE_CHECKING:
@@ -115,17 +115,15 @@ class GradualMagnitude(Method):
         Ranking the masked weight keeps pruned weights pruned: momentum may still move the
         hidden original, but its effective value is 0.
         """
-        effective = [m.weight.detach().abs().flatten() for m in self.layers.values()]
-        flat = torch.cat(effective)
-        kept = topk_mask(flat, round(keep * flat.numel()))
-        chunks = torch.split(kept, [e.numel() for e in effective])
-        for module, chunk in zip(self.layers.values(), chunks):
-            mask = module.parametrizations.weight[0].mask
-            mask.copy_(chunk.view_as(mask))
+        effective = {f: m.weight.detach().abs() for f, m in self.layers.items()}
+        count = round(keep * sum(e.numel() for e in effective.values()))
+        kept = global_topk(effective, count, self.floors(count))
+        for fqn, module in self.layers.items():
+            module.parametrizations.weight[0].mask.copy_(kept[fqn])
 
     def run(self, data: Data | None) -> Result:
         cfg = self.config
-        loader = train_loader(data, cfg.batch_size)
+        loader = self.training_data(data, cfg.batch_size)
         self.prepare()
         total = cfg.epochs * len(loader)
         if total:
@@ -138,6 +136,7 @@ class GradualMagnitude(Method):
                 optimizer=optimizer,
                 scheduler=scheduler,
                 after_step=self.step,
+                distill=self.soft_targets,
                 description="gmp",
             )
         return self.finalize(loader)
@@ -151,7 +150,13 @@ class GradualMagnitude(Method):
         if loader is not None:
             wd = cfg.weight_decay
             finetune_masked_(
-                self.model, loader, cfg.finetune_epochs, cfg.finetune_lr, cfg.momentum, wd
+                self.model,
+                loader,
+                cfg.finetune_epochs,
+                cfg.finetune_lr,
+                cfg.momentum,
+                wd,
+                self.soft_targets,
             )
         strip_(self.model)
         self.model.eval()

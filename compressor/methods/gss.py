@@ -42,7 +42,6 @@ from compressor.methods.base import (
     Result,
     register_method,
 )
-from compressor.methods.probmask import train_loader
 from compressor.stats import measure
 from compressor.surgery import channel_groups, slim_
 from compressor.surgery.select import input_feature_layers, select_inputs_, with_input_features
@@ -85,7 +84,8 @@ class GssConfig(MethodConfig):
     # toolkit's promise); "threshold": the official fixed ratio (the budget is then not met).
     prune: str = "budget"
     # What "budget" ranks: |w| over the whole network (ours: robust after short training),
-    # or "std", the official threshold's units |w| / std(W_l) (can empty a small layer).
+    # or "std", the official threshold's units |w| / std(W_l) (can starve a small layer
+    # down to its floor, masks.layer_floors).
     rank: str = "magnitude"
     epochs: int = 10  # official 250 epochs from a trained model; scaled down for a CPU
     finetune_epochs: int = 5  # official 50 (prun_tune_V.py); scaled down with `epochs`
@@ -238,7 +238,7 @@ class Gss(Method):
     def run(self, data: Data | None) -> Result:
         """Regularised training, pruning, fine-tuning with fixed masks (and slimming)."""
         cfg = self.config
-        loader = train_loader(data, cfg.batch_size)
+        loader = self.training_data(data, cfg.batch_size)
         self.prepare(data.sample_inputs(2))
         if cfg.epochs > 0:
             fit(
@@ -248,6 +248,7 @@ class Gss(Method):
                 optimizer=self._optimizer(cfg.lr, 0.0),
                 penalty=self.penalty,
                 after_step=self.step,
+                distill=self.soft_targets,
                 description="gss",
             )
         return self.finalize(loader)
@@ -256,7 +257,8 @@ class Gss(Method):
 
     def _mask_weights(self) -> None:
         keep = None if self.config.prune == "threshold" else self.budget.keep
-        masks = gss_prune.element_masks(self.layers, keep, self.config.ratio, self.config.rank)
+        cfg = self.config
+        masks = gss_prune.element_masks(self.layers, keep, cfg.ratio, cfg.rank, self.floors)
         if keep is not None:
             official = gss_prune.element_masks(self.layers, None, self.config.ratio)
             kept = sum(int(m.sum()) for m in official.values())
@@ -323,6 +325,7 @@ class Gss(Method):
             epochs=cfg.finetune_epochs,
             optimizer=optimizer,
             scheduler=scheduler,
+            distill=self.soft_targets,
             description="fine-tune",
         )
 

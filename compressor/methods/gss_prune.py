@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compressor.errors import TargetNotReachedError
-from compressor.masks import WeightMask, topk_mask, weight_of
+from compressor.masks import WeightMask, global_topk, weight_of
 from compressor.methods.gss_reg import PRODUCING, NeuronGroup
 from compressor.surgery import ChannelGroup
 
@@ -31,23 +31,27 @@ def standardised(weight: torch.Tensor) -> torch.Tensor:
 
 
 def element_masks(
-    layers: dict[str, nn.Module], keep: float | None, ratio: float, rank: str = "magnitude"
+    layers: dict[str, nn.Module],
+    keep: float | None,
+    ratio: float,
+    rank: str = "magnitude",
+    floors=None,
 ) -> dict[str, torch.Tensor]:
     """Masks keeping |w| >= ratio * std(W_l) (keep None), or the top `keep` fraction of scores.
 
     The ranked cut keeps round(keep * n) weights of the n prunable ones, so the sparsity is
     exact to one weight. It ranks |w| over the whole network (rank "magnitude"), or the
-    threshold rule's own units |w| / std(W_l) (rank "std"), which can empty a small layer
-    when the regularised training was short and the layers' distributions differ.
+    threshold rule's own units |w| / std(W_l) (rank "std"), which can starve a small layer
+    when the regularised training was short and the layers' distributions differ;
+    `floors` (Method.floors: a callable giving per-layer minimum counts for a total) keeps
+    every layer alive in the ranked cut.
     """
     if keep is None:
         return {fqn: standardised(weight_of(m)) >= ratio for fqn, m in layers.items()}
     scale = standardised if rank == "std" else lambda w: w.detach().abs()
     scores = {fqn: scale(weight_of(m)) for fqn, m in layers.items()}
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    kept = topk_mask(flat, round(keep * flat.numel()))
-    chunks = torch.split(kept, [s.numel() for s in scores.values()])
-    return {fqn: c.view_as(s) for (fqn, s), c in zip(scores.items(), chunks)}
+    count = round(keep * sum(s.numel() for s in scores.values()))
+    return global_topk(scores, count, floors(count) if floors is not None else None)
 
 
 def channel_scores(

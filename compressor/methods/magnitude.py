@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.masks import topk_mask, weight_of
+from compressor.masks import floor_counts, global_topk, weight_of
 from compressor.methods.base import MaskMethod, register_method
 
 
@@ -51,10 +51,13 @@ def exact_counts(
 
 
 def masks_from_counts(
-    layers: dict[str, nn.Module], counts: dict[str, int]
+    layers: dict[str, nn.Module], counts: dict[str, int], floors: dict[str, int] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Per layer, keep the `counts[fqn]` weights of largest magnitude."""
-    return {f: topk_mask(weight_of(m).detach().abs(), counts[f]) for f, m in layers.items()}
+    """Per layer, keep the `counts[fqn]` weights of largest magnitude (and its floor)."""
+    return {
+        f: global_topk({f: weight_of(m).detach().abs()}, counts[f], floors)[f]
+        for f, m in layers.items()
+    }
 
 
 class _Magnitude(MaskMethod):
@@ -64,6 +67,11 @@ class _Magnitude(MaskMethod):
     def _keep_total(self) -> int:
         return round(self.budget.keep * sum(self._sizes().values()))
 
+    def _masks(self, counts: dict[str, int]) -> dict[str, torch.Tensor]:
+        floors = self.floors(sum(counts.values()))
+        counts = counts if floors is None else floor_counts(counts, floors)
+        return masks_from_counts(self.layers, counts, floors)
+
 
 @register_method("magnitude-uniform")
 class UniformMagnitude(_Magnitude):
@@ -71,7 +79,7 @@ class UniformMagnitude(_Magnitude):
 
     def compute_masks(self) -> dict[str, torch.Tensor]:
         counts = {f: round(self.budget.keep * n) for f, n in self._sizes().items()}
-        return masks_from_counts(self.layers, counts)
+        return self._masks(counts)
 
 
 @register_method("magnitude-global")
@@ -79,11 +87,9 @@ class GlobalMagnitude(_Magnitude):
     """One magnitude threshold across all prunable layers."""
 
     def compute_masks(self) -> dict[str, torch.Tensor]:
-        flat = torch.cat([weight_of(m).detach().abs().flatten() for m in self.layers.values()])
-        keep = topk_mask(flat, self._keep_total())
-        sizes = list(self._sizes().values())
-        chunks = torch.split(keep, sizes)
-        return {f: c.view_as(weight_of(m)) for (f, m), c in zip(self.layers.items(), chunks)}
+        scores = {f: weight_of(m).detach().abs() for f, m in self.layers.items()}
+        keep = self._keep_total()
+        return global_topk(scores, keep, self.floors(keep))
 
 
 @register_method("magnitude-erk")
@@ -93,4 +99,4 @@ class ErkMagnitude(_Magnitude):
     def compute_masks(self) -> dict[str, torch.Tensor]:
         densities = erk_densities(self.layers, self.budget.sparsity)
         counts = exact_counts(densities, self._sizes(), self._keep_total())
-        return masks_from_counts(self.layers, counts)
+        return self._masks(counts)

@@ -29,16 +29,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
+from compressor.distill import training_data
 from compressor.errors import InputError
-from compressor.masks import apply_masks_, strip_, weight_of
+from compressor.masks import apply_masks_, global_topk, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
 from compressor.outputs import select_output
-from compressor.train import cosine_lambda, fit, recalibrate_batchnorm_, sgd
+from compressor.train import Distill, cosine_lambda, fit, recalibrate_batchnorm_, sgd, task_loss
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -210,23 +210,33 @@ class ProbMaskScores(nn.Module):
 
 
 def train_loader(data: Data, batch_size: int) -> DataLoader:
-    """The labelled training loader, re-batched to `batch_size` when it differs."""
-    if not data.has_labels:
-        raise InputError(f"data {data.name!r} has no labels; training-time methods need them")
-    loader = data.train
-    if loader.batch_size == batch_size:
-        return loader
-    generator = torch.Generator().manual_seed(data.seed)
-    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    """The labelled training loader, re-batched to `batch_size` when it differs.
+
+    Unlabelled data needs the dense model: see `compressor.distill.training_data`.
+    """
+    return training_data(data, batch_size, None).loader
 
 
 def finetune_masked_(
-    model: nn.Module, loader: DataLoader, epochs: int, lr: float, momentum: float, wd: float
+    model: nn.Module,
+    loader: DataLoader,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    wd: float,
+    distill: Distill | None = None,
 ) -> None:
     """Trains the weights of a model whose masks are fixed (constant lr, as official). In place."""
     if epochs > 0:
         optimizer = sgd(model.parameters(), lr, momentum=momentum, weight_decay=wd)
-        fit(model, loader, epochs=epochs, optimizer=optimizer, description="fine-tune")
+        fit(
+            model,
+            loader,
+            epochs=epochs,
+            optimizer=optimizer,
+            distill=distill,
+            description="fine-tune",
+        )
 
 
 @register_method("probmask")
@@ -292,7 +302,7 @@ class ProbMask(Method):
             prob.tau = tau
 
     def run(self, data: Data | None) -> Result:
-        loader = train_loader(data, self.config.batch_size)
+        loader = self.training_data(data, self.config.batch_size)
         self.prepare()
         self.train(loader)
         return self.finalize(loader)
@@ -313,7 +323,13 @@ class ProbMask(Method):
             recalibrate_batchnorm_(self.model, loader, max_batches=BN_BATCHES)
             wd = cfg.weight_decay
             finetune_masked_(
-                self.model, loader, cfg.finetune_epochs, cfg.finetune_lr, cfg.momentum, wd
+                self.model,
+                loader,
+                cfg.finetune_epochs,
+                cfg.finetune_lr,
+                cfg.momentum,
+                wd,
+                self.soft_targets,
             )
         strip_(self.model)
         self.model.eval()
@@ -377,7 +393,7 @@ class ProbMask(Method):
                 contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
             )
             with sync:
-                loss = F.cross_entropy(select_output(net(x)), y) / samples
+                loss = task_loss(net(x), y, x, self.soft_targets) / samples
                 loss.backward()
             total += loss.item()
         return total
@@ -410,14 +426,9 @@ class ProbMask(Method):
 
     def _topk(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Exactly round(keep * n) weights with the largest s; ties go to larger |w|."""
-        flat_s = torch.cat([s.flatten() for s in scores.values()])
-        flat_w = torch.cat([weight_of(self.layers[f]).detach().abs().flatten() for f in scores])
-        order = torch.sort(flat_w, descending=True, stable=True).indices
-        order = order[torch.sort(flat_s[order], descending=True, stable=True).indices]
-        keep = torch.zeros_like(flat_s, dtype=torch.bool)
-        keep[order[: round(self.budget.keep * flat_s.numel())]] = True
-        chunks = torch.split(keep, [s.numel() for s in scores.values()])
-        return {f: c.view_as(s) for (f, s), c in zip(scores.items(), chunks)}
+        magnitudes = {f: weight_of(self.layers[f]).detach().abs() for f in scores}
+        count = round(self.budget.keep * sum(s.numel() for s in scores.values()))
+        return global_topk(scores, count, self.floors(count), tiebreak=magnitudes)
 
     @torch.no_grad()
     def _best_of_n(self, scores: dict[str, torch.Tensor], loader: DataLoader):

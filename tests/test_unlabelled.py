@@ -1,0 +1,100 @@
+"""Training-time methods on unlabelled data distil from the dense model (issue item 5)."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from compressor.budget import Budget
+from compressor.errors import InputError
+from compressor.methods import get_method, prune
+from compressor.methods.probmask import train_loader
+from compressor.train import evaluate
+
+# (method, budget, its baseline at the same budget, overrides): unstructured methods
+# against global magnitude, structured ones against channel magnitude without fine-tuning.
+# ProbMask and BAR need longer schedules than a test can afford to beat magnitude on this
+# 2-epoch LeNet-5: ProbMask does not with labels either (10 % density, 2 + 1 epochs:
+# 85.3 % with labels, 79.2 % without, magnitude 86.1 %); BAR 1 + 1 epochs reached 83.9 %
+# against channel magnitude's 86.4 %. Strict xfail on the accuracy assertion only, so a
+# crash still fails and the day they pass says so.
+SHORT = "the short schedule does not beat magnitude on this model"
+CASES = [
+    ("gmp", Budget("weights", 0.05), "magnitude-global", {"epochs": 2, "finetune_epochs": 1}),
+    pytest.param(
+        "probmask",
+        Budget("weights", 0.05),
+        "magnitude-global",
+        {"epochs": 4, "finetune_epochs": 1, "score_lr": 0.1},
+        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=SHORT),
+    ),
+    ("gss", Budget("weights", 0.05), "magnitude-global", {"epochs": 1, "finetune_epochs": 2}),
+    ("gss", Budget("flops", 0.5), "channel-magnitude", {"epochs": 1, "finetune_epochs": 1}),
+    pytest.param(
+        "bar",
+        Budget("flops", 0.5),
+        "channel-magnitude",
+        {"epochs": 1, "finetune_epochs": 1},
+        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=SHORT),
+    ),
+    ("channel-magnitude", Budget("flops", 0.5), "channel-magnitude", {"finetune_epochs": 2}),
+]
+
+
+@pytest.fixture(scope="module")
+def unlabelled(digits):
+    """digits' training inputs with the labels removed (the -1 placeholder)."""
+    x = torch.cat([x for x, _ in DataLoader(digits.train.dataset, batch_size=512)])
+    dataset = TensorDataset(x, torch.full((len(x),), -1, dtype=torch.long))
+    loader = DataLoader(dataset, batch_size=64, shuffle=True)
+    return dataclasses.replace(
+        digits, train=loader, val=None, test=None, has_labels=False, num_classes=None
+    )
+
+
+@pytest.mark.parametrize(("method", "budget", "baseline", "config"), CASES)
+def test_unlabelled_training_beats_the_baseline(
+    method, budget, baseline, config, unlabelled, digits, lenet5_digits
+):
+    base_config = {"finetune_epochs": 0} if baseline == "channel-magnitude" else {}
+    reference = prune(lenet5_digits, baseline, budget, unlabelled, **base_config).model
+    result = prune(lenet5_digits, method, budget, unlabelled, **config)
+    assert result.report["labels"] == "none"
+    assert result.report["distilled"].startswith("from the dense model (soft targets T=")
+    assert result.report["distilled"].endswith(", pseudo-labels)")
+    top1, floor = evaluate(result.model, digits.test), evaluate(reference, digits.test)
+    assert top1 >= floor, (method, top1, floor)
+
+
+def test_labelled_runs_say_so_and_the_plain_loader_still_refuses(small_digits, unlabelled):
+    cls = get_method("gmp")
+    report = prune(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)),
+        "gmp",
+        0.5,
+        small_digits,
+        **cls.smoke_config,
+    ).report
+    assert report["labels"] == "given" and "distilled" not in report
+    with pytest.raises(InputError, match="has no labels; give the dense model to distil from"):
+        train_loader(unlabelled, 64)
+
+
+def test_cli_prunes_an_npz_without_labels(lenet5_pt2, unlabelled, tmp_path):
+    import numpy as np
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    x = torch.cat([x for x, _ in unlabelled.train]).numpy()
+    np.savez(tmp_path / "inputs.npz", x=x)
+    out = tmp_path / "out.pt2"
+    args = ["prune", str(lenet5_pt2), "-m", "gmp", "--sparsity", "0.9", "--epochs", "1"]
+    args += ["--finetune-epochs", "0", "--data", str(tmp_path / "inputs.npz"), "-o", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "labels: none; distilled from the dense model (soft targets T=4, pseudo-labels)" in (
+        result.output
+    )
+    assert out.exists()
