@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,13 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import cli
+from compressor.budget import Budget
+from compressor.errors import InputError
 from compressor.io import TO_PT2_HINT, load_model
+from compressor.methods import get_method, list_methods, prune
 from compressor.train import evaluate, train_dense
+from exporters.csr import export_csr
+from exporters.onnx import export_onnx
 from tests.models import FoldedBatchNet, ViewFlattenNet
 
 
@@ -96,3 +102,41 @@ def test_a_batch_that_cannot_be_freed_is_bad_input_with_the_fix(tmp_path, batch)
         f"Error: '{path}' was exported with its batch fixed at {batch} and fails at batch "
     )
     assert 'dynamic_shapes=({0: torch.export.Dim("batch")},)' in lines[0]
+
+
+# --- the "Users' models" contract: every method and both exporters on the lifted model ---
+
+RUNS = [(name, {}) for name in list_methods()] + [("gss", {"variant": "structure"})]
+
+
+@pytest.fixture(scope="module")
+def lifted_batch1(tmp_path_factory, view_net, digits) -> torch.nn.Module:
+    program = torch.export.export(view_net, (digits.sample_inputs(1),))
+    path = tmp_path_factory.mktemp("static-contract") / "view-b1.pt2"
+    torch.export.save(program, str(path))
+    return load_model(path).model
+
+
+@pytest.mark.parametrize(
+    "method,config", RUNS, ids=lambda v: v if isinstance(v, str) else "-".join(v.values())
+)
+def test_every_method_and_exporter_on_a_batch1_export(
+    method, config, lifted_batch1, small_digits, tmp_path
+):
+    cls = get_method(method)
+    # FLOPs for structured methods: 2 of the 4 conv channels halve them exactly
+    structured = config.get("variant") == "structure" or "flops" in cls.metrics
+    metric = "flops" if structured else cls.metrics[0]
+    try:
+        result = prune(
+            lifted_batch1, method, Budget(metric, 0.5), small_digits, **cls.smoke_config, **config
+        )
+    except InputError as exc:  # the CLI's exit 2: it must say which module and why
+        assert re.search(r"'[\w.]+'", str(exc)) and "internal error" not in str(exc), str(exc)
+        return
+    x = small_digits.sample_inputs(5)  # neither the export batch (1) nor the probe's
+    assert result.model(x).shape == (5, 10)
+    onnx = export_onnx(result.model, tmp_path / "m.onnx", (x,))
+    assert onnx.verified and onnx.max_abs_diff <= onnx.tolerance
+    pack = export_csr(result.model, tmp_path / "m.csr.safetensors", (x,))
+    assert pack.verification.exact_weights and pack.verification.max_output_diff == 0.0
