@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from compressor.errors import InputError
 from compressor.masks import apply_masks_, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
+from compressor.methods.probmask_warm import check_sharpness, warm_start_
 from compressor.outputs import select_output
 from compressor.train import cosine_lambda, fit, recalibrate_batchnorm_, sgd
 
@@ -82,6 +83,11 @@ class ProbMaskConfig(MethodConfig):
     # batches keeps best-of-n affordable on a CPU.
     select_batches: int = 50
     batch_size: int = 64  # the toolkit's loader default (official 256 on a GPU)
+    # False (a trained model, the usual case): scores start as a soft global magnitude
+    # ranking at the target keep fraction (probmask_warm.py); True: the paper's start
+    # (every score `score_init`, keep schedule from 1), for a model trained from scratch.
+    from_scratch: bool = False
+    warm_sharpness: float = 4.0  # warm start: s = sigmoid(sharpness * (log|w| - c))
 
 
 def keep_fraction(progress: float, target: float, start: float, end: float) -> float:
@@ -244,6 +250,7 @@ class ProbMask(Method):
         super().__init__(model, budget, config, **overrides)
         if self.config.mask not in MASK_CHOICES:
             raise InputError(f"mask {self.config.mask!r}: choose one of {', '.join(MASK_CHOICES)}")
+        check_sharpness(self.config.warm_sharpness)
         if self.config.mask_samples < 1:
             raise InputError(f"mask_samples {self.config.mask_samples} must be at least 1")
         self.probs: dict[str, ProbMaskScores] = {}
@@ -258,6 +265,9 @@ class ProbMask(Method):
             prob = ProbMaskScores(weight_of(module).shape, self.config.score_init, self.config.eps)
             parametrize.register_parametrization(module, "weight", prob)
             self.probs[fqn] = prob
+        if not self.config.from_scratch:
+            keep, sharpness = self.scheduled_keep(0.0), self.config.warm_sharpness
+            warm_start_(self.probs, self.layers, keep, sharpness)
         self.set_temperature(self.config.tau_start)
         # fused: one kernel per step instead of ~10 passes over n (same arithmetic)
         self.score_optimizer = torch.optim.Adam(
@@ -282,9 +292,18 @@ class ProbMask(Method):
                 group["lr"] = cfg.score_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
             self.score_optimizer.step()
             self.score_optimizer.zero_grad(set_to_none=True)
-        keep = keep_fraction(progress, self.budget.keep, cfg.keep_start, cfg.keep_end)
+        keep = self.scheduled_keep(progress)
         project_scores_(self.score_parameters(), keep)
         self.set_temperature(temperature(progress, cfg.tau_start, cfg.tau_end))
+
+    def scheduled_keep(self, progress: float) -> float:
+        """The keep fraction k at `progress`: the paper's schedule, or the target when warm."""
+        cfg = self.config
+        if cfg.from_scratch:
+            return keep_fraction(progress, self.budget.keep, cfg.keep_start, cfg.keep_end)
+        # warm: the scores already start at the target; a ramp from k = 1 would lower every
+        # score alike, as from scratch, and lost 40 points on digits (probmask_warm.py)
+        return self.budget.keep
 
     def set_temperature(self, tau: float) -> None:
         self.tau = tau
