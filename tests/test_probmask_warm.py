@@ -64,8 +64,11 @@ def test_from_scratch_reproduces_the_papers_start(lenet5_digits):
     assert bool((_flat_scores(method) == 1.0).all())  # score_init, every weight kept
     assert method.scheduled_keep(0.1) == 1.0  # the keep schedule starts at 1 ...
     assert method.scheduled_keep(0.6) == pytest.approx(0.1)  # ... and reaches the target
+    assert method.score_optimizer.param_groups[0]["lr"] == 6e-3  # the official score lr
     warm = ProbMask(clone_model(lenet5_digits), Budget("weights", 0.1))
     assert warm.scheduled_keep(0.0) == warm.scheduled_keep(0.5) == pytest.approx(0.1)
+    warm.prepare()
+    assert warm.score_optimizer.param_groups[0]["lr"] == warm.config.warm_score_lr == 0.05
 
 
 def _magnitude_plus_finetune(model, digits, sparsity: float, seed: int) -> float:

@@ -11,6 +11,16 @@ the scores start as a soft global magnitude ranking at the target keep fraction
 so the probabilities rank exactly as magnitude-global, the global constraint holds with
 equality from the first step, and training only has to move the weights near the
 threshold. `from_scratch=True` keeps the paper's start (tests/test_probmask_warm.py).
+
+Measured on the tests' digits LeNet-5 (2 dense epochs, 88.9 %), 1 + 1 epochs, top-1 on
+the 360 test images, median of seeds 0-2 (90 % / 95 % sparsity): paper's start 51.1 /
+37.2; warm, score lr 6e-3: sharpness 2 88.1 / 83.1, 4 89.7 / 88.1, 8 89.7 / 88.6; sharpness
+8 with score lr 0.05 (the defaults) 91.1 / 90.6, with 0.1 92.2 / 90.8; a keep ramp from 1
+over half the run 45.6 / 48.1 (seed 0); weight lr 1e-3 instead of 0.01 88.9 / 88.9.
+Baselines: magnitude-global + 1 fine-tuning epoch 88.1 / 86.9, GMP 1 + 1 90.3 / 90.6. At
+5 + 1 epochs, 95 % (seed 0): score lr 0.05 94.7, 0.1 95.8, GMP 95.0, paper's start 63.3.
+0.05 rather than 0.1: these runs have 18 steps per epoch; a longer run moves the scores
+further at the same lr, and nothing here measured that.
 """
 
 from __future__ import annotations
