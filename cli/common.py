@@ -251,6 +251,13 @@ METHOD_FLAGS = (
         "--mask-samples", type=click.IntRange(min=1), help="Masks sampled per batch (ProbMask)."
     ),
     click.option(
+        "--from-scratch",
+        is_flag=True,
+        default=None,
+        help="ProbMask: the paper's start (scores 1, keep from 1) for an untrained model; "
+        "default: start from the trained weights' magnitudes.",
+    ),
+    click.option(
         "--residual", type=click.Choice(["mixed", "tied"]), help="Residual block style (BAR)."
     ),
     click.option("--variant", type=click.Choice(["element", "structure"]), help="GSS variant."),

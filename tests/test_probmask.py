@@ -162,7 +162,8 @@ def _cnn() -> nn.Module:
     )
 
 
-FAST = {"epochs": 2, "finetune_epochs": 1, "mask_samples": 2}
+# the paper's start: this test checks its keep schedule (the warm start's is in test_probmask_warm)
+FAST = {"epochs": 2, "finetune_epochs": 1, "mask_samples": 2, "from_scratch": True}
 
 
 def test_constraint_holds_after_every_step_and_target_is_exact(digits):
@@ -245,7 +246,7 @@ def test_mask_choices(digits):
 
 
 def test_topk_breaks_score_ties_by_magnitude():
-    method = ProbMask(_cnn(), Budget("weights", 0.25), epochs=0)
+    method = ProbMask(_cnn(), Budget("weights", 0.25), epochs=0, from_scratch=True)
     method.prepare()  # all scores 1.0: top-k by s alone would be arbitrary
     masks, _ = method.choose_masks(None)
     flat_w = torch.cat(
