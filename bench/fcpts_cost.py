@@ -112,6 +112,7 @@ PHASES = [
     (base, "check_target", "target check"),
 ]
 PER_STEP = ("SGD steps", "control loss (per step)", "density estimates (per step)")
+TARGET_STEPS = (10, DEFAULT_STEPS)  # the issue's short run and the default
 PER_IMAGE = ("calibration inputs", "teacher outputs", "BN re-estimation")
 
 
@@ -185,49 +186,55 @@ def profile(steps: int, calib: int) -> dict:
     }
 
 
-def breakdown(run: dict, steps: int, calib: int) -> tuple[list[dict], dict]:
-    """Table rows at `steps` (measured) and at the default steps and calibration size.
+def extrapolate(seconds: dict, median_step: float, calib: int, to_steps: int) -> dict:
+    """Per-phase seconds of a run at `to_steps` steps and `DEFAULT_CALIB` images.
 
-    The default column is extrapolated: per-step phases scale to `DEFAULT_STEPS` medians
-    (the first step pays one-off allocations that belong to no step count), phases that
-    make one pass per calibration image scale to `DEFAULT_CALIB` images.
+    Per-step phases scale to `to_steps` median steps (the first step pays one-off
+    allocations that belong to no step count); phases that make one pass per calibration
+    image scale to `DEFAULT_CALIB` images; the rest is paid once whatever the sizes.
     """
+    per_step = sum(seconds.get(p, 0.0) for p in PER_STEP)
+    at = {}
+    for phase, value in seconds.items():
+        if phase in PER_STEP:
+            at[phase] = value / per_step * median_step * to_steps if per_step else 0.0
+        else:
+            at[phase] = value * (DEFAULT_CALIB / calib if phase in PER_IMAGE else 1.0)
+    return at
+
+
+def breakdown(run: dict, steps: int, calib: int) -> tuple[list[dict], dict]:
+    """Table rows: the measured run, then runs at `TARGET_STEPS` extrapolated from it."""
     seconds, cpu = dict(run["seconds"]), dict(run.get("cpu", {}))
     seconds["other"] = run["total"] - sum(seconds.values())
     if "total_cpu" in run:
         cpu["other"] = run["total_cpu"] - sum(cpu.values())
-    per_step = sum(seconds.get(p, 0.0) for p in PER_STEP)
     median_step = statistics.median(run["step_times"]) if run["step_times"] else 0.0
-    at_default = {}
-    for phase, value in seconds.items():
-        if phase in PER_STEP:
-            at_default[phase] = value / per_step * median_step * DEFAULT_STEPS if per_step else 0
-        else:
-            at_default[phase] = value * (DEFAULT_CALIB / calib if phase in PER_IMAGE else 1.0)
-    default_total = sum(at_default.values())
-    default_fixed = sum(v for p, v in at_default.items() if p not in PER_STEP)
+    targets = {n: extrapolate(seconds, median_step, calib, n) for n in TARGET_STEPS}
+    totals = {n: sum(at.values()) for n, at in targets.items()}
     rows = []
     for phase, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
-        rows.append(
-            {
-                "phase": phase,
-                "kind": "per step" if phase in PER_STEP else "fixed",
-                f"s @{steps}": f"{value:.2f}",
-                f"CPU s @{steps}": f"{cpu[phase]:.2f}" if phase in cpu else "",
-                f"% @{steps}": f"{100 * value / run['total']:.1f}",
-                f"s @{DEFAULT_STEPS} (extrap.)": f"{at_default[phase]:.1f}",
-                f"% @{DEFAULT_STEPS}": f"{100 * at_default[phase] / default_total:.2f}",
-            }
-        )
+        row = {
+            "phase": phase,
+            "kind": "per step" if phase in PER_STEP else "fixed",
+            f"s @{steps}": f"{value:.2f}",
+            f"CPU s @{steps}": f"{cpu[phase]:.2f}" if phase in cpu else "",
+            f"% @{steps}": f"{100 * value / run['total']:.1f}",
+        }
+        for n, at in targets.items():
+            row[f"s @{n}"] = f"{at[phase]:.1f}"
+            row[f"% @{n}"] = f"{100 * at[phase] / totals[n]:.2f}"
+        rows.append(row)
+    fixed = {n: sum(v for p, v in at.items() if p not in PER_STEP) for n, at in targets.items()}
     summary = {
         "total": run["total"],
-        "fixed": run["total"] - per_step,
+        "fixed": run["total"] - sum(seconds.get(p, 0.0) for p in PER_STEP),
         "median_step": median_step,
-        "default_total": default_total,
-        "default_fixed": default_fixed,
-        "fixed_share_default": default_fixed / default_total,
-        "fixed_share_measured": (run["total"] - per_step) / run["total"],
+        "totals": totals,
+        "fixed_at": fixed,
+        "fixed_share": {n: fixed[n] / totals[n] for n in TARGET_STEPS},
     }
+    summary["fixed_share_measured"] = summary["fixed"] / run["total"]
     return rows, summary
 
 
@@ -245,6 +252,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=128, help="calibration samples")
     parser.add_argument("--section", default="fcpts-cost", help="RESULTS.md section name")
     parser.add_argument("--load", help="tabulate bench/out/LOAD.json instead of running")
+    parser.add_argument("--note", default="", help="a sentence appended to the section")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -261,14 +269,19 @@ def main() -> None:
         f"## FCPTS cost breakdown ({args.section}, code at commit {revision})\n\n"
         f"Full-width ResNet-18 (torchvision layout, 1000 classes), random 3x224x224 inputs, "
         f"batch 64, sparsity {SPARSITY}: {args.steps} steps and {args.calib} calibration "
-        f"images measured (`{command}`); the default run ({DEFAULT_STEPS} steps, "
-        f"{DEFAULT_CALIB} images) is extrapolated from it, not run. {machine()}, a 2-core "
+        f"images measured (`{command}`); runs at 10 and {DEFAULT_STEPS} (default) steps with "
+        f"{DEFAULT_CALIB} images are extrapolated from it, not run. {machine()}, a 2-core "
         f"machine shared with other jobs (timings are noisy).\n\n{table}\n\n"
-        f"Measured run: {summary['total']:.1f} s wall ({run.get('total_cpu', 0):.1f} s CPU), fixed part {summary['fixed']:.1f} s "
-        f"({100 * summary['fixed_share_measured']:.1f} %). Median step "
-        f"{summary['median_step']:.2f} s, so a default run would take "
-        f"~{summary['default_total'] / 3600:.1f} h, of which the fixed part "
-        f"({summary['default_fixed']:.0f} s) is {100 * summary['fixed_share_default']:.2f} %."
+        f"Measured run: {summary['total']:.1f} s wall ({run.get('total_cpu', 0):.1f} s CPU), "
+        f"fixed part {summary['fixed']:.1f} s "
+        f"({100 * summary['fixed_share_measured']:.1f} %); median step "
+        f"{summary['median_step']:.2f} s. Extrapolated with {DEFAULT_CALIB} images: "
+        + "; ".join(
+            f"{n} steps ~{summary['totals'][n] / 60:.0f} min, fixed part "
+            f"{summary['fixed_at'][n]:.0f} s = {100 * summary['fixed_share'][n]:.1f} %"
+            for n in TARGET_STEPS
+        )
+        + f".{' ' + args.note if args.note else ''}"
     )
     print(text)
     if not args.load:
