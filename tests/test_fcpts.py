@@ -20,7 +20,8 @@ from compressor import build_model, get_method, load_data, prune, save_model
 from compressor.budget import parse_sparsity
 from compressor.errors import InputError
 from compressor.masks import has_machinery, prunable_layers, weight_of
-from compressor.methods.fcpts import exact_masks
+from compressor.methods import fcpts, fcpts_recon
+from compressor.methods.fcpts import exact_masks, initial_score
 from compressor.methods.fcpts_bridge import layer_sparsity
 from compressor.methods.magnitude import ErkMagnitude
 
@@ -120,6 +121,51 @@ def test_exact_step_scales_every_threshold_by_one_factor():
     for fqn, weight in weights.items():
         expected = weight.abs() >= thresholds[fqn] * factor
         assert torch.equal(masks[fqn], expected)
+
+
+# --- the fixed cost: selection instead of sorts, the same results ---------------------
+
+
+def _sorted_initial_score(weight: torch.Tensor, zeros: int, s_min: float, s_max: float) -> float:
+    """initial_score as it was before selection replaced its sort: the reference."""
+    magnitudes = torch.sort(weight.detach().abs().flatten().double()).values
+    below = float(magnitudes[zeros - 1]) if zeros > 0 else 0.0
+    above = float(magnitudes[zeros]) if zeros < magnitudes.numel() else 2.0 * below + 1e-30
+    threshold = 0.5 * (below + above)
+    if threshold <= 0.0:
+        return s_min
+    if threshold >= 1.0:
+        return s_max
+    return min(s_max, max(s_min, math.log(threshold) - math.log1p(-threshold)))
+
+
+@pytest.mark.parametrize("zeros", [0, 1, 250, 777, 1000])
+def test_initial_score_equals_the_sorted_reference(zeros):
+    weight = torch.randn(40, 25, generator=torch.Generator().manual_seed(zeros)) * 0.05
+    weight[0, :10] = weight[1, :10]  # duplicated magnitudes
+    for w in (weight, weight * 40.0, torch.zeros(40, 25)):  # thresholds above 1; all zero
+        assert initial_score(w, zeros, -30.0, 30.0) == _sorted_initial_score(w, zeros, -30.0, 30.0)
+
+
+def test_fcpts_run_is_bit_identical_to_the_sorting_grad_keeping_code_path(cnn, digits, monkeypatch):
+    """The optimised fixed part (selection for the initial thresholds, BN re-estimation without
+    autograd) changes no bit."""
+    fast = prune(cnn, "fcpts", 0.9, digits, seed=5, **FAST)
+    recalibrate = fcpts_recon.recalibrate_batchnorm_
+
+    def recalibrate_with_grad(model, loader):
+        with torch.enable_grad():
+            recalibrate(model, loader)
+
+    monkeypatch.setattr(fcpts, "initial_score", _sorted_initial_score)
+    monkeypatch.setattr(fcpts_recon, "recalibrate_batchnorm_", recalibrate_with_grad)
+    reference = prune(cnn, "fcpts", 0.9, digits, seed=5, **FAST)
+    for (name, a), (_, b) in zip(
+        fast.model.state_dict().items(), reference.model.state_dict().items()
+    ):
+        assert torch.equal(a, b), name
+    for key in ("allocation", "thresholds", "offset", "ties_broken_by_position", "loss"):
+        assert fast.report[key] == reference.report[key], key
 
 
 # --- the bridge -----------------------------------------------------------------------

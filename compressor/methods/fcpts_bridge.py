@@ -26,7 +26,8 @@ def histogram_density(weights: torch.Tensor, at: torch.Tensor, bins: int) -> tor
     Points outside [min, max] get density 0, as in the official code.
     """
     flat = weights.detach().flatten().float()
-    low, high = float(flat.min()), float(flat.max())
+    extremes = torch.aminmax(flat)  # one pass over the layer rather than two
+    low, high = float(extremes.min), float(extremes.max)
     if high <= low:  # a constant layer has no spread: no density anywhere but a point
         return torch.zeros_like(at)
     counts = torch.histc(flat, bins=bins, min=low, max=high)

@@ -189,7 +189,9 @@ class ReconstructionMethod(Method):
         )
         result = self.finalize()
         loader = data.calibration(self.config.calib_samples, self.config.batch_size)
-        recalibrate_batchnorm_(result.model, loader)
+        # no autograd graph: the same statistics, without keeping every activation alive
+        with torch.no_grad():
+            recalibrate_batchnorm_(result.model, loader)
         return result
 
     def loss_report(self) -> dict:
