@@ -3,6 +3,7 @@ inputs against the conv itself, exact targets, reproducibility, untraceable mode
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cli.main import cli
-from compressor import load_data, prune, zoo
+from compressor import get_method, load_data, prune, zoo
 from compressor.budget import parse_sparsity
 from compressor.errors import CompressorError, InputError
 from compressor.masks import has_machinery, prunable_layers, weight_of
@@ -197,7 +198,7 @@ def test_exact_target_on_lenet5(lenet5_digits, small_digits, sparsity):
     assert zeros == round(sparsity * total)
     method = SparseGpt(lenet5_digits, parse_sparsity(sparsity))
     for fqn, module in prunable_layers(result.model).items():
-        assert int((module.weight == 0).sum()) == method.uniform_zeros()[fqn], fqn
+        assert int((module.weight == 0).sum()) == method.layer_zeros()[fqn], fqn
     assert result.report["uncalibrated"] == []
     assert result.report["layer_order"] == list(prunable_layers(lenet5_digits))
 
@@ -284,3 +285,33 @@ def test_cli_refuses_a_negative_dampening(tmp_path, lenet5_pt2):
     run = CliRunner().invoke(cli, args)
     assert run.exit_code == 2, run.output
     assert "percdamp -0.5 must be >= 0" in run.output
+
+
+# --- FCPTS's allocation with SparseGPT's layer solve (`reconstruct="obs"`) ------------------
+
+
+def test_fcpts_obs_keeps_the_learned_counts_and_solves_on_the_dense_weights(
+    lenet5_digits, small_digits
+):
+    fast = {"steps": 8, "calib_samples": 64, "batch_size": 32}
+    threshold = prune(lenet5_digits, "fcpts", 0.9, small_digits, **fast)
+    obs = prune(lenet5_digits, "fcpts", 0.9, small_digits, reconstruct="obs", **fast)
+    for fqn, module in prunable_layers(obs.model).items():
+        other = prunable_layers(threshold.model)[fqn]
+        assert int((module.weight == 0).sum()) == int((other.weight == 0).sum()), fqn
+    assert obs.report["allocation"] == threshold.report["allocation"]
+    assert set(obs.report["obs"]["relative_error"]) == set(prunable_layers(lenet5_digits))
+    zeros, total = _zeros_and_total(obs.model)
+    assert zeros == round(0.9 * total) and has_machinery(obs.model) == []
+    # the solve starts from the dense weights: SparseGPT at these counts gives the same model
+    solver = SparseGpt(copy.deepcopy(lenet5_digits), parse_sparsity(0.9), batch_size=32)
+    inputs = torch.cat([x for x, _ in small_digits.calibration(64, 32)])
+    counts = {f: int((m.weight == 0).sum()) for f, m in prunable_layers(obs.model).items()}
+    solver.prune_(inputs, counts)
+    for fqn, module in prunable_layers(solver.model).items():
+        torch.testing.assert_close(module.weight, prunable_layers(obs.model)[fqn].weight)
+
+
+def test_fcpts_refuses_an_unknown_reconstruction(lenet5_digits):
+    with pytest.raises(InputError, match="reconstruct 'lbfgs' is not one of threshold, obs"):
+        get_method("fcpts")(lenet5_digits, parse_sparsity(0.9), reconstruct="lbfgs")

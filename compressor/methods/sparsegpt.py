@@ -38,7 +38,7 @@ from torch import nn
 from compressor.errors import CompressorError, InputError
 from compressor.masks import weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
-from compressor.methods.fcpts_recon import calibration_inputs
+from compressor.methods.fcpts_recon import calibration_inputs, erk_counts
 from compressor.methods.magnitude import exact_counts
 from compressor.methods.sparsegpt_solve import (
     block_zero_counts,
@@ -53,6 +53,8 @@ from compressor.train import recalibrate_batchnorm_
 if TYPE_CHECKING:
     from compressor.data import Data
 
+ALLOCATIONS = ("uniform", "erk")
+
 
 @dataclass(frozen=True)
 class SparseGptConfig(MethodConfig):
@@ -63,6 +65,7 @@ class SparseGptConfig(MethodConfig):
     blocksize: int = 128  # paper/official: lazy-update and mask-selection blocks of 128
     percdamp: float = 0.01  # paper/official: 1 % of the mean Hessian diagonal as dampening
     sequential: bool = True  # paper: each layer sees the inputs of the already-pruned model
+    allocation: str = "uniform"  # paper: the same sparsity per layer; "erk": FCPTS's start
 
 
 def execution_order(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> list:
@@ -134,15 +137,23 @@ class SparseGpt(Method):
                 f"calib_samples ({cfg.calib_samples}), batch_size ({cfg.batch_size}) and "
                 f"blocksize ({cfg.blocksize}) must all be >= 1"
             )
+        if cfg.allocation not in ALLOCATIONS:
+            raise InputError(
+                f"allocation {cfg.allocation!r} is not one of {', '.join(ALLOCATIONS)}"
+            )
         if not cfg.percdamp >= 0:
             raise InputError(f"percdamp {cfg.percdamp!r} must be >= 0 (the paper uses 0.01)")
         self.sizes = {f: weight_of(m).numel() for f, m in self.layers.items()}
         self.solved: dict | None = None
 
-    def uniform_zeros(self) -> dict[str, int]:
-        """Zeros per layer: the same sparsity everywhere, summing to round(r0 * N) exactly."""
-        keep_total = round(self.budget.keep * sum(self.sizes.values()))
-        keep = exact_counts(dict.fromkeys(self.sizes, self.budget.keep), self.sizes, keep_total)
+    def layer_zeros(self) -> dict[str, int]:
+        """Zeros per layer at the configured allocation, summing to round(r0 * N) exactly."""
+        if self.config.allocation == "erk":
+            keep = erk_counts(self.layers, self.budget.sparsity, self.budget.keep)
+        else:
+            keep_total = round(self.budget.keep * sum(self.sizes.values()))
+            uniform = dict.fromkeys(self.sizes, self.budget.keep)
+            keep = exact_counts(uniform, self.sizes, keep_total)
         return {f: self.sizes[f] - keep[f] for f in self.sizes}
 
     def run(self, data: Data | None) -> Result:
@@ -156,8 +167,8 @@ class SparseGpt(Method):
 
     @torch.no_grad()
     def prune_(self, inputs: torch.Tensor, zeros: dict[str, int] | None = None) -> None:
-        """Prunes the model in place on calibration `inputs` (default: `uniform_zeros()`)."""
-        zeros = zeros if zeros is not None else self.uniform_zeros()
+        """Prunes the model in place on calibration `inputs` (default: `layer_zeros()`)."""
+        zeros = zeros if zeros is not None else self.layer_zeros()
         cfg = self.config
         training = self.model.training
         self.model.eval()
