@@ -18,6 +18,7 @@ from compressor import get_method, load_data, prune, zoo
 from compressor.budget import parse_sparsity
 from compressor.errors import CompressorError, InputError
 from compressor.masks import has_machinery, prunable_layers, weight_of
+from compressor.methods.fcpts_recon import erk_counts
 from compressor.methods.sparsegpt import SparseGpt
 from compressor.methods.sparsegpt_solve import (
     block_zero_counts,
@@ -201,6 +202,17 @@ def test_exact_target_on_lenet5(lenet5_digits, small_digits, sparsity):
         assert int((module.weight == 0).sum()) == method.layer_zeros()[fqn], fqn
     assert result.report["uncalibrated"] == []
     assert result.report["layer_order"] == list(prunable_layers(lenet5_digits))
+
+
+def test_erk_allocation_gives_each_layer_its_erk_count(lenet5_digits, small_digits):
+    result = prune(
+        lenet5_digits, "sparsegpt", 0.9, small_digits, calib_samples=64, allocation="erk"
+    )
+    keep = erk_counts(prunable_layers(lenet5_digits), 0.9, 0.1)
+    for fqn, module in prunable_layers(result.model).items():
+        assert int((module.weight != 0).sum()) == keep[fqn], fqn
+    with pytest.raises(InputError, match="allocation 'global' is not one of uniform, erk"):
+        SparseGpt(lenet5_digits, parse_sparsity(0.9), allocation="global")
 
 
 def test_exact_target_on_mobilenetv2_depthwise(small_digits):
