@@ -19,7 +19,7 @@ from compressor.budget import parse_sparsity
 from compressor.errors import CompressorError, InputError
 from compressor.masks import has_machinery, prunable_layers, weight_of
 from compressor.methods.fcpts_recon import erk_counts
-from compressor.methods.sparsegpt import SparseGpt
+from compressor.methods.sparsegpt import SparseGpt, call_profile, hessians
 from compressor.methods.sparsegpt_solve import (
     block_zero_counts,
     grouped_weight,
@@ -249,6 +249,21 @@ def test_sequential_mode_changes_the_inputs_later_layers_see(lenet5_digits, smal
         weight_of(prunable_layers(one_pass.model)[last]),
         weight_of(prunable_layers(sequential.model)[last]),
     )
+
+
+def test_stopping_after_the_layer_gives_the_same_hessian(lenet5_digits, small_digits):
+    inputs = small_digits.sample_inputs(64)
+    layers = prunable_layers(lenet5_digits)
+    order, once = call_profile(lenet5_digits, layers, inputs, 32)
+    assert once and order == list(layers)
+    fqn = order[1]
+    full = hessians(lenet5_digits, {fqn: layers[fqn]}, inputs, 32)[fqn]
+    stopped = hessians(lenet5_digits, {fqn: layers[fqn]}, inputs, 32, stop=True)[fqn]
+    assert torch.equal(full, stopped)
+    torch.manual_seed(0)
+    repeated = DataDependentAttention()
+    _, once = call_profile(repeated, prunable_layers(repeated), torch.randn(8, 6, 8), 4)
+    assert not once  # its attention layers run up to three times per forward
 
 
 def test_on_an_attention_model_torch_fx_cannot_trace():

@@ -21,6 +21,10 @@ Choices of ours, where the paper is silent or does otherwise:
   (a depthwise filter's kh*kw weights see only their own channel); the paper has none.
 * A layer the forward pass never calls has no Hessian; it is solved with `H = I`, which
   is magnitude pruning, so the target stays exact. The report lists such layers.
+* Sequential mode costs one forward pass per layer. When a first pass over the calibration
+  data shows every layer called exactly once per forward (a plain feed-forward network),
+  each layer's pass stops right after that layer; a model with shared or repeated layers
+  runs whole passes. `sequential=False` takes every Hessian from the dense model in one pass.
 * The solve runs in float64: the layers here are small, and it makes the OBS updates
   agree with a brute-force OBS to 1e-10 rather than to float32 noise.
 * Calibration: FCPTS's data (`--calib-samples`, default 1024 unlabelled images) instead of
@@ -29,6 +33,7 @@ Choices of ours, where the paper is silent or does otherwise:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -68,38 +73,59 @@ class SparseGptConfig(MethodConfig):
     allocation: str = "uniform"  # paper: the same sparsity per layer; "erk": FCPTS's start
 
 
-def execution_order(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> list:
-    """The layers' module paths in the order a forward on `x` first calls them."""
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the layer of interest has run."""
+
+
+@torch.no_grad()
+def call_profile(
+    model: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int
+) -> tuple[list[str], bool]:
+    """The layers in the order a forward first calls them, and whether every forward over
+    `inputs` called every called layer exactly once (then a pass may stop after a layer)."""
     order: list[str] = []
+    calls: dict[str, int] = {}
+    once = True
     handles = [
-        module.register_forward_pre_hook(lambda _m, _a, fqn=fqn: order.append(fqn))
+        module.register_forward_pre_hook(
+            lambda _m, _a, fqn=fqn: calls.__setitem__(fqn, calls.get(fqn, 0) + 1)
+        )
         for fqn, module in layers.items()
     ]
     try:
-        with torch.no_grad():
+        for x in inputs.split(batch_size):
+            calls.clear()
             model(x)
+            order += [fqn for fqn in calls if fqn not in order]
+            once = once and all(count == 1 for count in calls.values())
     finally:
         for handle in handles:
             handle.remove()
-    seen = list(dict.fromkeys(order))
-    return seen + [fqn for fqn in layers if fqn not in seen]
+    return order + [fqn for fqn in layers if fqn not in order], once
 
 
 @torch.no_grad()
 def hessians(
-    model: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    inputs: torch.Tensor,
+    batch_size: int,
+    stop: bool = False,
 ) -> dict[str, torch.Tensor | None]:
     """Per layer, `H = X X^T` ([G, D, D], float64) over the calibration inputs.
 
     Forward hooks, not tracing, so any module works; a layer called several times per
-    forward adds every call's inputs. None for a layer the forward never called.
+    forward adds every call's inputs. None for a layer the forward never called. With
+    `stop`, each forward ends right after the (single) layer's first call.
     """
     found: dict[str, torch.Tensor | None] = dict.fromkeys(layers)
 
     def accumulate(fqn: str, module: nn.Module, args: tuple) -> None:
-        cols = layer_inputs(module, args[0].detach()).double()
-        gram = cols @ cols.transpose(1, 2)
+        cols = layer_inputs(module, args[0].detach())
+        gram = (cols @ cols.transpose(1, 2)).double()  # float32 per batch, as official
         found[fqn] = gram if found[fqn] is None else found[fqn] + gram
+        if stop:
+            raise _StopForward
 
     handles = [
         module.register_forward_pre_hook(lambda m, a, fqn=fqn: accumulate(fqn, m, a))
@@ -107,7 +133,8 @@ def hessians(
     ]
     try:
         for x in inputs.split(batch_size):
-            model(x)
+            with contextlib.suppress(_StopForward):
+                model(x)
     finally:
         for handle in handles:
             handle.remove()
@@ -172,13 +199,14 @@ class SparseGpt(Method):
         cfg = self.config
         training = self.model.training
         self.model.eval()
-        order = execution_order(self.model, self.layers, inputs[: cfg.batch_size])
+        order, once = call_profile(self.model, self.layers, inputs, cfg.batch_size)
         errors, uncalibrated = {}, []
         if not cfg.sequential:  # every layer sees the dense model's inputs: one pass
             found = hessians(self.model, self.layers, inputs, cfg.batch_size)
         for fqn in order:
             if cfg.sequential:
-                found = hessians(self.model, {fqn: self.layers[fqn]}, inputs, cfg.batch_size)
+                layer = {fqn: self.layers[fqn]}
+                found = hessians(self.model, layer, inputs, cfg.batch_size, stop=once)
             hessian = found[fqn]
             if hessian is None:
                 uncalibrated.append(fqn)
