@@ -92,7 +92,8 @@ def _prune_in_block(scores: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     flat = scores.reshape(scores.shape[0], -1)
     order = torch.sort(flat, dim=1, stable=True).indices
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(flat.shape[1]).expand_as(order).contiguous())
+    positions = torch.arange(flat.shape[1], device=flat.device).expand_as(order).contiguous()
+    ranks.scatter_(1, order, positions)
     return (ranks < zeros.unsqueeze(1)).reshape(scores.shape)
 
 
