@@ -225,6 +225,24 @@ def test_exact_target_on_mobilenetv2_depthwise(small_digits):
     assert depthwise and all(m.groups == m.in_channels for m in depthwise)
 
 
+def test_conv1d_and_a_layer_never_called():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.body = nn.Sequential(nn.Conv1d(3, 8, 5, padding=2), nn.ReLU(), nn.Flatten())
+    model.head = nn.Linear(96, 4)
+    model.unused = nn.Linear(7, 5)  # never called: solved with H = I (magnitude)
+    model.forward = lambda x: model.head(model.body(x))
+    method = SparseGpt(model, parse_sparsity(0.7), blocksize=16)
+    dense_unused = model.unused.weight.detach().clone()
+    method.prune_(torch.randn(40, 3, 12))
+    assert method.solved["uncalibrated"] == ["unused"]
+    zeros, total = _zeros_and_total(model)
+    assert zeros == round(0.7 * total)
+    kept = model.unused.weight != 0
+    assert torch.equal(model.unused.weight[kept], dense_unused[kept])
+    assert float(dense_unused[kept].abs().min()) >= float(dense_unused[~kept].abs().max())
+
+
 def test_same_seed_same_model_and_nothing_left_behind(lenet5_digits, small_digits):
     first = prune(lenet5_digits, "sparsegpt", 0.9, small_digits, calib_samples=64).model
     second = prune(lenet5_digits, "sparsegpt", 0.9, small_digits, calib_samples=64).model
