@@ -342,9 +342,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     quick = QUICK if args.quick else {}
     models = args.models or ("lenet5" if quick else "lenet5,resnet20")
-    sparsities = [float(s) for s in (args.sparsities or ("0.9,0.95" if quick else "")).split(",")]
-    if not args.sparsities and not quick:
-        sparsities = list(SPARSITIES)
+    default = "0.9,0.95" if quick else ",".join(map(str, SPARSITIES))
+    sparsities = [float(s) for s in (args.sparsities or default).split(",")]
     methods = args.methods.split(",")
     steps = args.steps or quick.get("steps")
     config = {"calib_samples": quick.get("calib", CALIB)} | ({"steps": steps} if steps else {})
