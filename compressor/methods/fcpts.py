@@ -10,23 +10,37 @@ bridge `dr_l/dt_l = p_l(t_l) + p_l(-t_l)` (see `fcpts_bridge`).
 The official code never enforces r0 exactly; this implementation ends with an exact step:
 all thresholds are scaled by one common factor `f` (`t_l' = t_l * f`, an offset in units of
 each layer's threshold) so that the global count of zeros is exactly round(r0 * N).
+
+`reconstruct="obs"` (ours) keeps only the per-layer counts of that step: the dense weights
+come back and SparseGPT's layer solve (`sparsegpt`) prunes each layer to its count.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compressor.errors import InputError
+from compressor.errors import CompressorError, InputError
 from compressor.masks import bake_masks_, global_topk, weight_of
 from compressor.methods.base import Result, register_method
 from compressor.methods.fcpts_bridge import DENSITIES, layer_sparsity
-from compressor.methods.fcpts_recon import ReconstructionConfig, ReconstructionMethod, erk_counts
+from compressor.methods.fcpts_recon import (
+    ReconstructionConfig,
+    ReconstructionMethod,
+    calibration_inputs,
+    erk_counts,
+)
+from compressor.methods.sparsegpt import SparseGpt
+
+if TYPE_CHECKING:
+    from compressor.data import Data
+
+RECONSTRUCTIONS = ("threshold", "obs")
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,9 @@ class FcptsConfig(ReconstructionConfig):
     kde_bandwidth: float = 0.5  # paper: bandwidth 0.5 (in std units of the weights)
     s_min: float = -30.0  # official: min_score = -30 when initialising s
     s_max: float = 30.0  # ours: caps logit(t) for thresholds >= 1 (weights larger than 1)
+    # ours: "obs" keeps the learned per-layer counts but replaces the threshold step on the
+    # reconstructed weights by SparseGPT's layer solve on the dense weights
+    reconstruct: str = "threshold"
 
 
 class ThresholdMask(nn.Module):
@@ -130,6 +147,11 @@ class Fcpts(ReconstructionMethod):
 
     def __init__(self, model, budget, config=None, **overrides):
         super().__init__(model, budget, config, **overrides)
+        if self.config.reconstruct not in RECONSTRUCTIONS:
+            raise InputError(
+                f"reconstruct {self.config.reconstruct!r} is not one of "
+                f"{', '.join(RECONSTRUCTIONS)}"
+            )
         if self.config.density not in DENSITIES:
             raise InputError(
                 f"density {self.config.density!r} is not one of {', '.join(DENSITIES)}"
@@ -192,8 +214,20 @@ class Fcpts(ReconstructionMethod):
             for f, m in self.layers.items()
         }
 
+    def run(self, data: Data | None) -> Result:
+        """The whole schedule; with `reconstruct="obs"` the calibration inputs are kept for
+        the final layer solve."""
+        if self.config.reconstruct == "obs":
+            self.obs_inputs = calibration_inputs(data, self.config)
+        return super().run(data)
+
     def finalize(self) -> Result:
-        """The exact step, then bakes the masks and removes every ThresholdMask."""
+        """The exact step, then bakes the masks and removes every ThresholdMask.
+
+        With `reconstruct="obs"` the exact step only fixes the per-layer counts: the dense
+        weights (`self.teacher`) are restored and SparseGPT prunes each layer to its count
+        on `self.obs_inputs` (both set by `run`).
+        """
         learned_t = {f: float(t.detach()) for f, t in self.thresholds().items()}
         learned = self.allocation(learned_t)
         weights = {f: weight_of(m).detach() for f, m in self.layers.items()}
@@ -204,9 +238,27 @@ class Fcpts(ReconstructionMethod):
             # removal re-registers `weight` last; restore the order so the state_dict's
             # keys come out in the same order as the input model's
             module._parameters = {k: module._parameters[k] for k in self._order[fqn]}
-        bake_masks_(self.layers, masks)
         report = self._report(learned, learned_t, masks, factor, ties)
+        if self.config.reconstruct == "obs":
+            report["obs"] = self._obs_solve_(masks)
+        else:
+            bake_masks_(self.layers, masks)
         return Result(self.model, self.base_report() | report)
+
+    def _obs_solve_(self, masks: dict[str, torch.Tensor]) -> dict:
+        """Dense weights back, then SparseGPT to the exact step's per-layer counts. In place."""
+        if getattr(self, "teacher", None) is None or getattr(self, "obs_inputs", None) is None:
+            raise CompressorError(
+                "reconstruct='obs' needs the dense model and calibration inputs: use run(data), "
+                "or set `teacher` and `obs_inputs` before finalize()"
+            )
+        self.model.load_state_dict(self.teacher.state_dict())
+        zeros = {f: self.sizes[f] - int(mask.sum()) for f, mask in masks.items()}
+        cfg = self.config
+        solver = SparseGpt(self.model, self.budget, exclude=cfg.exclude, batch_size=cfg.batch_size)
+        device = next(self.model.parameters()).device
+        solver.prune_(self.obs_inputs.to(device), zeros)
+        return solver.solved
 
     def _report(self, learned: dict, learned_t: dict, masks: dict, factor: float, ties: int):
         final = {f: 1.0 - int(mask.sum()) / self.sizes[f] for f, mask in masks.items()}
