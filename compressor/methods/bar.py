@@ -120,7 +120,9 @@ class Bar(Method):
     """BAR (METHODS.md §3): Hard Concrete gates, barrier-weighted L_S, slim, fine-tune."""
 
     Config = BarConfig
-    metrics = ("volume", "flops")
+    # FLOPs first: a bare `--budget 4x` means 4x fewer MACs, what users deploy for; volume
+    # (the paper's own metric) stays available with --budget-metric volume
+    metrics = ("flops", "volume")
     needs = "labels"
     demo_config: ClassVar[dict] = {"epochs": 3, "finetune_epochs": 2}
     smoke_config: ClassVar[dict] = {"epochs": 1, "finetune_epochs": 1, "bn_batches": 2}

@@ -93,7 +93,7 @@ class ChannelMagnitude(Method):
     """L1-norm channel pruning to a volume or FLOP budget, slimmed, then fine-tuned."""
 
     Config = ChannelMagnitudeConfig
-    metrics = ("volume", "flops")
+    metrics = ("flops", "volume")  # FLOPs first: the default of a bare `--budget 4x`
     needs = "labels"
     demo_config: ClassVar[dict] = {"finetune_epochs": 5}
     smoke_config: ClassVar[dict] = {"finetune_epochs": 1, "bn_batches": 2}
