@@ -26,6 +26,7 @@ from cli.common import (
     task_output_option,
 )
 from cli.export import export
+from cli.latency import latency_options, model_latency, print_model_latency, prune_latency
 from cli.paths import check_prune_paths, check_train_paths, force_option
 from cli.tables import print_prune_summary, print_stats
 
@@ -69,18 +70,23 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, as_json: bool) -> None:
 )
 @click.option("--input-shape", type=ShapeType(), help="Per-sample input shape, e.g. 1x28x28.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@latency_options
 @handle_errors
-def info(model, arch, trust_pickle, data, input_shape, as_json):
+def info(model, arch, trust_pickle, data, input_shape, as_json, latency):
     """Per-layer table: shape, params, FLOPs (MACs), activation volume, sparsity."""
     from compressor.stats import measure
 
     data_obj = load_data_spec(data)
     loaded = load(model, arch, trust_pickle, data_obj, input_shape)
     stats = measure(loaded.model, example_inputs(loaded, data_obj)[0][:1])
+    timed = model_latency(loaded.model, example_inputs(loaded, data_obj), latency)
     if as_json:
-        emit_json({"format": loaded.format, "stats": stats.to_dict(), "report": loaded.report})
+        emit_json(
+            {"format": loaded.format, "stats": stats.to_dict(), "report": loaded.report} | timed
+        )
         return
     print_stats(stats, loaded)
+    print_model_latency(timed)
 
 
 @cli.command(
@@ -164,7 +170,7 @@ def _pct(value) -> str:
 PRUNE_EPILOG = """\b
 Examples:
   compress prune lenet5.pt2 --method magnitude-global --sparsity 0.9 --data digits
-  compress prune lenet5.pt2 --method bar --budget 4x --data digits
+  compress prune lenet5.pt2 --method bar --budget 4x --data digits --measure-latency
   compress prune lenet5.pt2 --method gss --variant structure --budget 4x --data digits
 """
 
@@ -231,6 +237,7 @@ Examples:
     is_flag=True,
     help="Data-parallel debug: compare a hash of all state across ranks every epoch.",
 )
+@latency_options
 @force_option
 @handle_errors
 def prune(
@@ -255,6 +262,7 @@ def prune(
     check_ranks,
     task_output,
     force,
+    latency,
     **method_opts,
 ):
     """Compress MODEL with a method to a budget; write a .pt2 with the report embedded."""
@@ -314,6 +322,9 @@ def prune(
     result.report["top1"] = evaluate(result.model, test_loader, task_output)
     result.report["source"] = str(model)
     check_pruned(result.report, data_obj, min_accuracy)
+    prune_latency(
+        result.report, loaded.model, result.model, example_inputs(loaded, data_obj), latency
+    )
     save_model(
         result.model,
         output,

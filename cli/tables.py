@@ -68,6 +68,27 @@ def _print_report(report: dict) -> None:
     for key in keys:
         if key in report and report[key] is not None:
             click.echo(f"  {key}: {format_value(report[key])}")
+    if report.get("factors"):
+        click.echo(f"  reduction: {format_factors(report['factors'])}")
+    if report.get("latency_ms"):
+        click.echo(f"  latency: {format_latency(report['latency_ms'])}")
+
+
+def format_factors(factors: dict) -> str:
+    """`FLOPs 4.02x, volume 3.10x, params 5.30x` (n/a where the pruned model has none left)."""
+    names = {"flops": "FLOPs", "volume": "volume", "params": "params"}
+    return ", ".join(
+        f"{names.get(k, k)} {'n/a' if v is None else f'{v:.2f}x'}" for k, v in factors.items()
+    )
+
+
+def format_latency(latency: dict) -> str:
+    """`batch 1: 0.12 -> 0.05 ms (2.40x), batch 32: ...` from a report's latency_ms."""
+    parts = []
+    for batch, dense in latency["dense"].items():
+        pruned, speedup = latency["pruned"][batch], latency["speedup"][batch]
+        parts.append(f"batch {batch}: {dense:.3g} -> {pruned:.3g} ms ({speedup:.2f}x)")
+    return ", ".join(parts)
 
 
 def format_value(value, nested: bool = False) -> str:
@@ -87,6 +108,7 @@ def format_value(value, nested: bool = False) -> str:
 
 
 def print_prune_summary(report: dict, output: str) -> None:
+    """The one-line result of `compress prune` (plus latency and notes when present)."""
     achieved = report["achieved"]
     if "keep" in achieved:
         parts = [f"{report['method']}: {report['budget']['metric']} kept {achieved['keep']:.2%}"]
@@ -96,7 +118,11 @@ def print_prune_summary(report: dict, output: str) -> None:
         parts.append(f"top-1 {report['dense_top1']:.2%} -> {report['top1']:.2%}")
     if report.get("labels") == "none":
         parts.append(f"labels: none; distilled {report['distilled']}")
+    if report.get("factors"):
+        parts.append(f"reduction {format_factors(report['factors'])}")
     parts.append(f"{report['seconds']:.1f}s")
     click.echo(", ".join(parts) + f" -> {output}")
+    if report.get("latency_ms"):
+        click.echo(f"latency: {format_latency(report['latency_ms'])}")
     for line in report.get("tied_streams") or ():  # mixed mode fell back for these streams
         click.echo(f"note: {line}")

@@ -309,4 +309,4 @@ def test_cli_refuses_a_weights_budget_for_bar(tmp_path, lenet5_pt2):
     args = ["prune", lenet5_pt2, "--method", "bar", "--sparsity", "0.9", "--data", "digits"]
     result = CliRunner().invoke(cli, [str(a) for a in args] + ["-o", str(tmp_path / "o.pt2")])
     assert result.exit_code == 2
-    assert "volume or flops" in result.output
+    assert "flops or volume" in result.output

@@ -51,8 +51,13 @@ def upsampled(tmp_path_factory, small_digits):
 
 
 def _budget(method: str, config: dict) -> Budget:
-    metric = "flops" if config.get("variant") == "structure" else get_method(method).metrics[0]
-    return Budget(metric, 0.5)
+    # volume for bar and channel-magnitude, whose default is now FLOPs: these models are
+    # tiny, one channel moves their FLOPs by up to 9 %, and BAR's final step finds no
+    # channel set within 0.5 % of half the FLOPs of conv_relu_bn_pool (it reaches 0.458)
+    cls = get_method(method)
+    if config.get("variant") == "structure":
+        return Budget("flops", 0.5)
+    return Budget("volume" if "volume" in cls.metrics else cls.metrics[0], 0.5)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +89,7 @@ def test_cli_bar_prunes_and_exports(upsampled, tmp_path):
     smoke = [a for k, v in get_method("bar").smoke_config.items() for a in ("--set", f"{k}={v}")]
     pruned = tmp_path / "p.pt2"
     args = ["prune", model, "-m", "bar", "--budget", "2x", "--data", upsampled[name][0], *smoke]
+    args += ["--budget-metric", "volume"]  # see _budget: no FLOPs set lands within 0.5 % here
     result = CliRunner().invoke(cli, [*map(str, args), "-o", str(pruned)])
     assert result.exit_code == 0, result.output
     assert "bar: volume kept 49." in result.output

@@ -25,6 +25,7 @@ from torch import nn
 from compressor import checkpoint, distill, distributed
 from compressor.budget import Budget, parse_budget
 from compressor.errors import CompressorWarning, InputError, TargetNotReachedError
+from compressor.factors import DenseBaseline
 from compressor.guard import check_no_collapse, empty_layers
 from compressor.masks import (
     apply_masks_,
@@ -312,6 +313,7 @@ def prune(
         budget = parse_budget(budget, metric=cls.default_metric(config))
     if cls.needs != "nothing" and data is None:
         raise InputError(f"method {method!r} needs data ({cls.needs}); pass --data SPEC")
+    baseline = DenseBaseline(model, data)  # before any in-place change (copy_model=False)
     torch.manual_seed(seed)
     instance = cls(clone_model(model) if copy_model else model, budget, **config)
     if data is not None and cls.needs != "nothing":  # a wrong --task-output fails now
@@ -352,6 +354,7 @@ def prune(
     result.report |= instance.labels or {}
     result.report["seconds"] = time.perf_counter() - start
     result.report["seed"] = seed
+    result.report["factors"] = baseline.factors(result.model)
     if digests is not None:
         result.report["distributed"] = {
             "processes": distributed.world_size(),
