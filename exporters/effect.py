@@ -19,9 +19,12 @@ from exporters._common import flat_outputs
 # is constant: float32 carries ~7 digits, so anything the inputs change shows far above it.
 CONSTANT_RTOL = 1e-6
 # The tolerance never drops below this share of the output magnitude (times the relative
-# tolerance: 1e-6 of it), because float32 sums in another order differ by ~1e-7 of the
-# magnitude whatever the inputs' effect.
-ROUNDING_SHARE = 0.01
+# tolerance: 2e-5 of it), because float32 sums in another order differ by that much
+# whatever the inputs' effect: measured 1.8e-5 of the magnitude on a random-init
+# MobileNetV3-style graph after reconstruction, where large activations cancel into a
+# small, nearly input-independent output. A healthy classifier's logits spread across
+# inputs by more than this share of their magnitude, so for them the effect decides.
+ROUNDING_SHARE = 0.2
 
 
 class ConstantOutputError(CompressorError):

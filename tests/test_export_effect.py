@@ -63,7 +63,7 @@ def test_tolerance_follows_the_inputs_effect(tmp_path, monkeypatch):
     assert 0.05 < result.input_effect < 1.0 and result.output_scale > 999
     expected = RTOL * max(result.input_effect, effect.ROUNDING_SHARE * result.output_scale)
     assert result.tolerance == pytest.approx(expected)
-    assert result.tolerance <= RTOL * result.output_scale / 50  # the old rule's at most
+    assert result.tolerance <= RTOL * result.output_scale / 5  # 5x tighter than the old rule
 
     # a mismatch the old tolerance (RTOL x 1000 = 0.1) let through is now an error
     import exporters.onnx as onnx_export
