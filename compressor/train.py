@@ -229,7 +229,60 @@ def evaluate(
 
 
 def sgd(params, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
+    """SGD with momentum and weight decay, the toolkit's default optimiser."""
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def sgd_cosine(
+    params,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD and its per-step schedule: linear warm-up, then cosine decay to 0."""
+    optimizer = sgd(params, lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_lambda(total_steps, warmup_steps)
+    )
+    return optimizer, scheduler
+
+
+def step_lambda(drop_step: int, factor: float) -> Callable[[int], float]:
+    """Multiplier for LambdaLR: 1 before step `drop_step`, `factor` from it on."""
+    return lambda step: 1.0 if step < drop_step else factor
+
+
+def finetune_(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    lr_factor: Callable[[int], float] | None = None,
+    distill: Distill | None = None,
+) -> None:
+    """Trains a pruned model's weights (masks or channels fixed) for `epochs`. In place.
+
+    `lr_factor` multiplies the lr per step (LambdaLR); without it the lr stays constant.
+    Nothing runs when `epochs` is 0.
+    """
+    if epochs <= 0:
+        return
+    scheduler = None
+    if lr_factor is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    fit(
+        model,
+        loader,
+        epochs=epochs,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        distill=distill,
+        description="fine-tune",
+    )
 
 
 def train_dense(
@@ -246,10 +299,13 @@ def train_dense(
     With `checkpoint`, state is saved after every epoch, and a run that finds an existing
     checkpoint at that path resumes from it.
     """
-    optimizer = sgd(model.parameters(), lr, weight_decay=weight_decay)
-    warmup = min(len(loader), epochs * len(loader) // 4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_lambda(epochs * len(loader), warmup)
+    optimizer, scheduler = sgd_cosine(
+        model.parameters(),
+        lr=lr,
+        momentum=0.9,
+        weight_decay=weight_decay,
+        total_steps=epochs * len(loader),
+        warmup_steps=min(len(loader), epochs * len(loader) // 4),
     )
     start, on_epoch_end = 0, None
     if checkpoint is not None:

@@ -10,13 +10,14 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from compressor.budget import Budget
+from compressor.distill import train_loader
 from compressor.errors import InputError
 from compressor.masks import apply_masks_, prunable_layers, strip_
 from compressor.methods import prune
 from compressor.methods.base import clone_model
-from compressor.methods.probmask import ProbMask, finetune_masked_, train_loader
+from compressor.methods.probmask import ProbMask
 from compressor.methods.probmask_warm import magnitude_scores
-from compressor.train import evaluate
+from compressor.train import evaluate, finetune_, sgd
 
 
 def _flat_scores(method: ProbMask) -> torch.Tensor:
@@ -79,7 +80,8 @@ def _magnitude_plus_finetune(model, digits, sparsity: float, seed: int) -> float
     apply_masks_(layers, {f: m.weight.detach() != 0 for f, m in layers.items()})
     cfg = ProbMask.Config()
     loader = train_loader(digits, cfg.batch_size)
-    finetune_masked_(pruned, loader, 1, cfg.finetune_lr, cfg.momentum, cfg.weight_decay)
+    optimizer = sgd(pruned.parameters(), cfg.finetune_lr, cfg.momentum, cfg.weight_decay)
+    finetune_(pruned, loader, epochs=1, optimizer=optimizer)
     return evaluate(strip_(pruned).eval(), digits.test)
 
 

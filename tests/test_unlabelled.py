@@ -7,9 +7,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from compressor.budget import Budget
+from compressor.distill import train_loader
 from compressor.errors import InputError
 from compressor.methods import get_method, prune
-from compressor.methods.probmask import train_loader
 from compressor.train import evaluate
 
 # (method, budget, its baseline at the same budget, overrides): unstructured methods

@@ -23,8 +23,7 @@ from torch.utils.data import DataLoader
 
 from compressor.masks import apply_masks_, global_topk, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
-from compressor.methods.probmask import finetune_masked_
-from compressor.train import cosine_lambda, fit, sgd
+from compressor.train import finetune_, fit, sgd, sgd_cosine
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -127,8 +126,13 @@ class GradualMagnitude(Method):
         self.prepare()
         total = cfg.epochs * len(loader)
         if total:
-            optimizer = sgd(self.model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(total))
+            optimizer, scheduler = sgd_cosine(
+                self.model.parameters(),
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+                total_steps=total,
+            )
             fit(
                 self.model,
                 loader,
@@ -148,15 +152,12 @@ class GradualMagnitude(Method):
             self.update = cfg.updates
             self.mask_to(self.budget.keep)
         if loader is not None:
-            wd = cfg.weight_decay
-            finetune_masked_(
-                self.model,
-                loader,
-                cfg.finetune_epochs,
-                cfg.finetune_lr,
-                cfg.momentum,
-                wd,
-                self.soft_targets,
+            optimizer = sgd(
+                self.model.parameters(), cfg.finetune_lr, cfg.momentum, cfg.weight_decay
+            )
+            epochs = cfg.finetune_epochs  # constant lr, as the official code
+            finetune_(
+                self.model, loader, epochs=epochs, optimizer=optimizer, distill=self.soft_targets
             )
         strip_(self.model)
         self.model.eval()

@@ -48,13 +48,19 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
-from compressor.distill import training_data
 from compressor.errors import InputError
 from compressor.masks import apply_masks_, global_topk, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
 from compressor.methods.probmask_warm import check_sharpness, warm_start_
 from compressor.outputs import select_output
-from compressor.train import Distill, cosine_lambda, fit, recalibrate_batchnorm_, sgd, task_loss
+from compressor.train import (
+    finetune_,
+    fit,
+    recalibrate_batchnorm_,
+    sgd,
+    sgd_cosine,
+    task_loss,
+)
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -238,36 +244,6 @@ class ProbMaskScores(nn.Module):
         return weight * (self.scores >= 0.5)
 
 
-def train_loader(data: Data, batch_size: int) -> DataLoader:
-    """The labelled training loader, re-batched to `batch_size` when it differs.
-
-    Unlabelled data needs the dense model: see `compressor.distill.training_data`.
-    """
-    return training_data(data, batch_size, None).loader
-
-
-def finetune_masked_(
-    model: nn.Module,
-    loader: DataLoader,
-    epochs: int,
-    lr: float,
-    momentum: float,
-    wd: float,
-    distill: Distill | None = None,
-) -> None:
-    """Trains the weights of a model whose masks are fixed (constant lr, as official). In place."""
-    if epochs > 0:
-        optimizer = sgd(model.parameters(), lr, momentum=momentum, weight_decay=wd)
-        fit(
-            model,
-            loader,
-            epochs=epochs,
-            optimizer=optimizer,
-            distill=distill,
-            description="fine-tune",
-        )
-
-
 @register_method("probmask")
 class ProbMask(Method):
     """ProbMask (METHODS.md §2): scores, projection, schedules, discrete mask, fine-tune."""
@@ -368,15 +344,12 @@ class ProbMask(Method):
         self.probs, self.score_optimizer = {}, None
         if loader is not None:
             recalibrate_batchnorm_(self.model, loader, max_batches=BN_BATCHES)
-            wd = cfg.weight_decay
-            finetune_masked_(
-                self.model,
-                loader,
-                cfg.finetune_epochs,
-                cfg.finetune_lr,
-                cfg.momentum,
-                wd,
-                self.soft_targets,
+            optimizer = sgd(
+                self.model.parameters(), cfg.finetune_lr, cfg.momentum, cfg.weight_decay
+            )
+            epochs = cfg.finetune_epochs  # constant lr, as the official code
+            finetune_(
+                self.model, loader, epochs=epochs, optimizer=optimizer, distill=self.soft_targets
             )
         strip_(self.model)
         self.model.eval()
@@ -392,8 +365,13 @@ class ProbMask(Method):
         total = cfg.epochs * len(loader)  # a rank's shard has as many batches (distributed.shard)
         if total == 0:
             return
-        optimizer = sgd(self.weight_parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(total))
+        optimizer, scheduler = sgd_cosine(
+            self.weight_parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            total_steps=total,
+        )
 
         def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
             return self.train_step(x, y, optimizer, net)
