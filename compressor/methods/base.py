@@ -28,8 +28,9 @@ from compressor.errors import CompressorWarning, InputError, TargetNotReachedErr
 from compressor.guard import check_no_collapse, empty_layers
 from compressor.masks import (
     apply_masks_,
-    has_machinery,
+    check_no_machinery,
     layer_floors,
+    model_names,
     prunable_layers,
     strip_,
     weight_of,
@@ -318,6 +319,7 @@ def prune(
         classes = data.num_classes if cls.needs == "labels" else None
         check_task_output(instance.model, data.sample_inputs(2), instance.config.output, classes)
     empty_before = tuple(empty_layers(model, instance.config.exclude))
+    before = model_names(instance.model)  # for the postcondition: finalize() leaves none
     fingerprint = None
     if checkpoint_path is not None or resume is not None:  # hashing the model costs a pass
         fingerprint = {
@@ -358,9 +360,7 @@ def prune(
             "rank_digests": digests,  # of the final model and method state, all equal
             "rank_checks": run.checks,
         }
-    leftovers = has_machinery(result.model)
-    if leftovers:
-        raise TargetNotReachedError(f"{method}: machinery left on {leftovers} after finalize()")
+    check_no_machinery(result.model, before, method)
     try:
         check_target(result.report, budget)
     except TargetNotReachedError as exc:
