@@ -229,6 +229,19 @@ def session(
         _CURRENT = None
 
 
+def fingerprint(method: str, config: dict, budget, seed: int, model: nn.Module, data) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    return {
+        "method": method,
+        "config": config,
+        "budget": budget.to_dict(),
+        "seed": seed,
+        "model": model_digest(model),
+        "data": data.fingerprint() if data is not None else None,
+        "processes": distributed.world_size(),
+    }
+
+
 def load(path: str | Path, fingerprint: dict) -> dict:
     """Reads and validates a run checkpoint against this run's fingerprint.
 
