@@ -260,41 +260,6 @@ def sgd_cosine(
     return optimizer, scheduler
 
 
-def step_lambda(drop_step: int, factor: float) -> Callable[[int], float]:
-    """Multiplier for LambdaLR: 1 before step `drop_step`, `factor` from it on."""
-    return lambda step: 1.0 if step < drop_step else factor
-
-
-def finetune_(
-    model: nn.Module,
-    loader: DataLoader,
-    *,
-    epochs: int,
-    optimizer: torch.optim.Optimizer,
-    lr_factor: Callable[[int], float] | None = None,
-    distill: Distill | None = None,
-) -> None:
-    """Trains a pruned model's weights (masks or channels fixed) for `epochs`. In place.
-
-    `lr_factor` multiplies the lr per step (LambdaLR); without it the lr stays constant.
-    Nothing runs when `epochs` is 0.
-    """
-    if epochs <= 0:
-        return
-    scheduler = None
-    if lr_factor is not None:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    fit(
-        model,
-        loader,
-        epochs=epochs,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        distill=distill,
-        description="fine-tune",
-    )
-
-
 def train_dense(
     model: nn.Module,
     loader: DataLoader,

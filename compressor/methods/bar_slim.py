@@ -10,12 +10,13 @@ from torch.utils.data import DataLoader
 
 from compressor.errors import InputError
 from compressor.examples import example_inputs_of
+from compressor.finetune import finetune_, step_lambda
 from compressor.methods.bar_cost import Adjustment, CostModel
 from compressor.methods.bar_gates import GateUnit
 from compressor.stats import measure
 from compressor.surgery import SlimResult, slim_
 from compressor.surgery.streams import stream_name, unmixable_streams
-from compressor.train import finetune_, recalibrate_batchnorm_, sgd, step_lambda
+from compressor.train import recalibrate_batchnorm_, sgd
 
 if TYPE_CHECKING:
     from compressor.budget import Budget

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
+from compressor.finetune import finetune_masked_
 from compressor.masks import apply_masks_, global_topk, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
-from compressor.train import finetune_, fit, sgd, sgd_cosine
+from compressor.train import fit, sgd_cosine
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -152,13 +153,7 @@ class GradualMagnitude(Method):
             self.update = cfg.updates
             self.mask_to(self.budget.keep)
         if loader is not None:
-            optimizer = sgd(
-                self.model.parameters(), cfg.finetune_lr, cfg.momentum, cfg.weight_decay
-            )
-            epochs = cfg.finetune_epochs  # constant lr, as the official code
-            finetune_(
-                self.model, loader, epochs=epochs, optimizer=optimizer, distill=self.soft_targets
-            )
+            finetune_masked_(self.model, loader, cfg, self.soft_targets)
         strip_(self.model)
         self.model.eval()
         return Result(self.model, self.base_report())

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from compressor.errors import CompressorError, CompressorWarning, InputError
 from compressor.examples import example_inputs_of
+from compressor.finetune import finetune_, step_lambda
 from compressor.masks import apply_masks_, prunable_layers, strip_, weight_of
 from compressor.methods import gss_prune, gss_reg
 from compressor.methods.base import (
@@ -46,7 +47,7 @@ from compressor.methods.base import (
 from compressor.stats import measure
 from compressor.surgery import channel_groups, slim_
 from compressor.surgery.select import input_feature_layers, select_inputs_, with_input_features
-from compressor.train import finetune_, fit, step_lambda
+from compressor.train import fit
 
 if TYPE_CHECKING:
     from compressor.budget import Budget

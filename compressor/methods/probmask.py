@@ -49,6 +49,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
 from compressor.errors import InputError
+from compressor.finetune import finetune_masked_
 from compressor.masks import apply_masks_, global_topk, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
 from compressor.methods.probmask_math import (
@@ -61,10 +62,8 @@ from compressor.methods.probmask_math import (
 from compressor.methods.probmask_warm import check_sharpness, warm_start_
 from compressor.outputs import select_output
 from compressor.train import (
-    finetune_,
     fit,
     recalibrate_batchnorm_,
-    sgd,
     sgd_cosine,
     task_loss,
 )
@@ -247,13 +246,7 @@ class ProbMask(Method):
         self.probs, self.score_optimizer = {}, None
         if loader is not None:
             recalibrate_batchnorm_(self.model, loader, max_batches=BN_BATCHES)
-            optimizer = sgd(
-                self.model.parameters(), cfg.finetune_lr, cfg.momentum, cfg.weight_decay
-            )
-            epochs = cfg.finetune_epochs  # constant lr, as the official code
-            finetune_(
-                self.model, loader, epochs=epochs, optimizer=optimizer, distill=self.soft_targets
-            )
+            finetune_masked_(self.model, loader, cfg, self.soft_targets)
         strip_(self.model)
         self.model.eval()
         report = self.base_report()
