@@ -259,20 +259,15 @@ def prune(
     """Compress MODEL with a method to a budget; write a .pt2 with the report embedded."""
     options = dict(locals())
     method_opts = options.pop("method_opts")
-    from compressor import distributed
-
     output = output or str(default_output(model, method))
     # refuse now, not after hours of training
     check_prune_paths(model, data, output, report, checkpoint_path, resume, force=force)
-    prune_steps.start_ranks(nproc)
-    try:
+    with prune_steps.ranks(nproc):
         cls, config, target = prune_steps.resolve(method, options, method_opts)
         job = prune_steps.validate(cls, model, output, options)
         result = prune_steps.run(job, target, config, options)
         if result is not None:  # None on the other ranks: rank 0 writes and prints
             prune_steps.write(job, result, report, as_json)
-    finally:
-        distributed.shutdown()
 
 
 @cli.command(epilog="\b\nExample:\n  compress eval lenet5-magnitude-global.pt2 --data digits")

@@ -6,9 +6,11 @@ to fail on a bad option, a missing label or an unwritable output.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,23 @@ class PruneJob:
     min_accuracy: float | None
 
 
-def start_ranks(nproc: int | None) -> None:
+@contextlib.contextmanager
+def ranks(nproc: int | None) -> Iterator[None]:
+    """The block runs on every rank (launched here with `nproc`); the group ends after it.
+
+    `distributed.shutdown()` runs in a finally: the process group is destroyed whether
+    the run ends, fails or is refused.
+    """
+    from compressor import distributed
+
+    _start_ranks(nproc)
+    try:
+        yield
+    finally:
+        distributed.shutdown()
+
+
+def _start_ranks(nproc: int | None) -> None:
     """Launches `nproc` workers when asked (this process then exits), or joins their group."""
     from compressor import distributed
 
