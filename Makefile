@@ -23,8 +23,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two workers: the tests run one torch thread each, and CI's machine has two cores.
 test: $(STAMP) lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 -p no:logging
 
 clean:
 	rm -rf $(VENV) build *.egg-info

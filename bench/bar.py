@@ -36,9 +36,9 @@ import torch
 from bench.common import OUT, dense_baseline, machine, markdown_table, write_json, write_section
 from compressor import zoo
 from compressor.budget import Budget
+from compressor.distill import train_loader
 from compressor.methods import prune
 from compressor.methods.bar_slim import finetune_
-from compressor.methods.probmask import train_loader
 from compressor.stats import measure
 from compressor.train import Distill, evaluate, recalibrate_batchnorm_
 

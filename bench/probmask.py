@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from bench.common import OUT, dense_baseline, machine, markdown_table, write_json, write_section
 from compressor.budget import Budget
 from compressor.data import load_data
+from compressor.distill import train_loader
 from compressor.methods import list_methods, prune
 from compressor.methods.base import check_target
-from compressor.methods.probmask import ProbMask, train_loader
+from compressor.methods.probmask import ProbMask
 from compressor.train import evaluate, sgd
 
 SPEC = "fashion-mnist"

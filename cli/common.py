@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from compressor.budget import BUDGET_FORMS, Budget, parse_budget, parse_sparsity
-from compressor.errors import CompressorError, InputError
+from compressor.errors import CompressorError, InputError, first_line
 from compressor.user_code import RUNS_CODE
 
 # appended to every --data help: a MODULE:FN spec runs the user's code, as --arch does
@@ -60,7 +60,7 @@ def handle_errors(fn):
         except Exception as exc:
             if debug:
                 traceback.print_exc()
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = first_line(exc, empty="")
             raise Failure(
                 f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)"
             ) from exc
@@ -164,7 +164,7 @@ def check_fits(model: torch.nn.Module, data) -> None:
     except Exception as exc:
         expected = getattr(model, "input_shape", None)
         want = f" but the model expects {_fmt(expected)}" if expected else ""
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 200)
         raise InputError(
             f"data {data.name!r} gives inputs of shape {_fmt(tuple(sample.shape[1:]))}{want}: {first}"
         ) from None

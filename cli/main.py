@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
 import click
 
+from cli import prune_steps
 from cli.common import (
     DATA_RUNS_CODE,
     BudgetType,
@@ -26,9 +25,9 @@ from cli.common import (
     task_output_option,
 )
 from cli.export import export
-from cli.latency import latency_options, model_latency, print_model_latency, prune_latency
+from cli.latency import latency_options, model_latency, print_model_latency
 from cli.paths import check_prune_paths, check_train_paths, force_option
-from cli.tables import print_prune_summary, print_stats
+from cli.tables import print_stats
 
 EPILOG = """\b
 Examples:
@@ -266,158 +265,17 @@ def prune(
     **method_opts,
 ):
     """Compress MODEL with a method to a budget; write a .pt2 with the report embedded."""
-    from cli.guard import check_min_accuracy_usable, check_pruned
-    from compressor import distributed
-    from compressor.errors import InputError
-    from compressor.io import atomic_write, save_model
-    from compressor.methods import get_method
-    from compressor.methods import prune as run_prune
-    from compressor.train import evaluate
-    from compressor.writable import check_writable
-
+    options = dict(locals())
+    method_opts = options.pop("method_opts")
     output = output or str(default_output(model, method))
     # refuse now, not after hours of training
     check_prune_paths(model, data, output, report, checkpoint_path, resume, force=force)
-    if nproc is not None and nproc > 1 and not distributed.launched():
-        _launch_workers(nproc)
-    if nproc is not None and distributed.launched():
-        size = distributed.world_size_from_env()
-        if nproc != size:
-            raise click.UsageError(
-                f"--nproc {nproc} inside a launcher that started {size} processes; "
-                "drop --nproc when torchrun starts the workers"
-            )
-    distributed.init_from_env()
-    cls = get_method(method)
-    config = _parse_settings(settings, cls) | _method_flags(method_opts, cls)
-    config |= {"exclude": tuple(exclude)} if exclude else {}
-    config |= {"output": task_output} if task_output is not None else {}
-    target = _resolve_budget(budget, sparsity, budget_metric, cls, config)
-    data_obj = load_data_spec(data, seed=seed)
-    loaded = load(model, arch, trust_pickle, data_obj)
-    if cls.needs != "nothing" and data_obj is None:
-        raise InputError(f"method {method!r} needs --data (it uses {cls.needs})")
-    check_min_accuracy_usable(min_accuracy, data_obj)
-    test_loader = (
-        (data_obj.test or data_obj.val) if data_obj is not None and data_obj.has_labels else None
-    )
-    check_writable(loaded.model, output, example_inputs(loaded, data_obj), loaded.format)
-    main = distributed.is_main()
-    dense_top1 = evaluate(loaded.model, test_loader, task_output) if main else None
-    result = run_prune(
-        loaded.model,
-        method,
-        target,
-        data_obj,
-        seed=seed,
-        checkpoint_path=checkpoint_path,
-        resume=resume,
-        check_ranks=check_ranks,
-        **config,
-    )
-    if not main:
-        distributed.shutdown()
-        return  # rank 0 writes the files and prints
-    result.report["dense_top1"] = dense_top1
-    result.report["top1"] = evaluate(result.model, test_loader, task_output)
-    result.report["source"] = str(model)
-    check_pruned(result.report, data_obj, min_accuracy)
-    prune_latency(
-        result.report, loaded.model, result.model, example_inputs(loaded, data_obj), latency
-    )
-    save_model(
-        result.model,
-        output,
-        example_inputs=example_inputs(loaded, data_obj),
-        report=result.report,
-        protect=(model,),
-    )
-    if report:
-        atomic_write(
-            report,
-            lambda tmp: Path(tmp).write_text(json.dumps(result.report, indent=2, default=str)),
-            protect=(model,),
-        )
-    if as_json:
-        emit_json(result.report)
-    else:
-        print_prune_summary(result.report, output)
-    distributed.shutdown()
-
-
-def _launch_workers(nproc: int) -> None:
-    """Re-runs this command line (without --nproc) in `nproc` workers; exits with their code."""
-    from compressor import distributed
-
-    argv, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            argv.append(arg)
-    sys.exit(distributed.launch(nproc, argv))
-
-
-def _method_flags(values: dict, cls) -> dict:
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    given = {k: v for k, v in values.items() if v is not None}
-    for key in given:
-        if key not in fields:
-            flag = "--" + key.rstrip("_").replace("_", "-")
-            raise click.UsageError(
-                f"method {cls.name!r} has no option {flag}; its options: {', '.join(sorted(fields))}"
-            )
-    return given
-
-
-def _resolve_budget(budget, sparsity, metric, cls, config: dict):
-    from compressor.budget import Budget
-
-    if (budget is None) == (sparsity is None):
-        raise click.UsageError("give exactly one of --budget (e.g. 4x) or --sparsity (e.g. 0.9)")
-    if sparsity is not None:
-        return sparsity
-    return Budget(metric or cls.default_metric(config), budget.keep)
-
-
-def _parse_settings(settings: tuple[str, ...], cls) -> dict:
-    import dataclasses
-
-    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
-    out = {}
-    for item in settings:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise click.BadParameter(
-                f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}",
-                param_hint="--set",
-            )
-        out[key] = _coerce(raw.strip(), fields[key].default, key)
-    return out
-
-
-def _coerce(raw: str, default, key: str):
-    try:
-        if isinstance(default, bool):
-            if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
-                raise ValueError(raw)
-            return raw.lower() in {"true", "1", "yes"}
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        if isinstance(default, tuple):
-            return tuple(v for v in raw.split(",") if v)
-    except ValueError:
-        raise click.BadParameter(
-            f"{key}={raw!r} is not a {type(default).__name__}", param_hint="--set"
-        ) from None
-    return raw
+    with prune_steps.ranks(nproc):
+        cls, config, target = prune_steps.resolve(method, options, method_opts)
+        job = prune_steps.validate(cls, model, output, options)
+        result = prune_steps.run(job, target, config, options)
+        if result is not None:  # None on the other ranks: rank 0 writes and prints
+            prune_steps.write(job, result, report, as_json)
 
 
 @cli.command(epilog="\b\nExample:\n  compress eval lenet5-magnitude-global.pt2 --data digits")

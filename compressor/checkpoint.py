@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from compressor import distributed, filebounds
-from compressor.errors import InputError
+from compressor.errors import InputError, first_line
 
 FORMAT = "compressor.run-checkpoint"
 VERSION = 1
@@ -67,7 +67,7 @@ def read(path: str | Path) -> object:
     except MemoryError:
         raise InputError(f"checkpoint {str(path)!r} does not fit in memory") from None
     except Exception as exc:  # a damaged file raises many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InputError(f"checkpoint {str(path)!r} is damaged: {first}") from None
 
 
@@ -82,7 +82,7 @@ def restore_training(path, state: dict, model, optimizer=None, scheduler=None) -
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise InputError(
             f"checkpoint {str(path)!r} does not match this model/run: {first}"
         ) from None
@@ -227,6 +227,19 @@ def session(
         yield _CURRENT
     finally:
         _CURRENT = None
+
+
+def fingerprint(method: str, config: dict, budget, seed: int, model: nn.Module, data) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    return {
+        "method": method,
+        "config": config,
+        "budget": budget.to_dict(),
+        "seed": seed,
+        "model": model_digest(model),
+        "data": data.fingerprint() if data is not None else None,
+        "processes": distributed.world_size(),
+    }
 
 
 def load(path: str | Path, fingerprint: dict) -> dict:

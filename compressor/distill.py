@@ -94,3 +94,11 @@ def pseudo_labels(teacher: nn.Module, loader: DataLoader) -> tuple[torch.Tensor,
     inputs = torch.cat([batch[0] for batch in ordered])
     labels = torch.cat([teacher(x).argmax(dim=1) for x in inputs.split(LABEL_BATCH)])
     return inputs, labels
+
+
+def train_loader(data: Data, batch_size: int) -> DataLoader:
+    """The labelled training loader, re-batched to `batch_size` when it differs.
+
+    Unlabelled data needs the dense model: see `training_data`.
+    """
+    return training_data(data, batch_size, None).loader

@@ -19,5 +19,24 @@ class TargetNotReachedError(CompressorError):
     """A method could not reach the requested budget; the message says why."""
 
 
+class MachineryLeftError(RuntimeError):
+    """A method left hooks, parametrizations or modules behind after `finalize()`.
+
+    A bug in compressor, not something the user caused: deliberately not a CompressorError,
+    so the CLI reports it as an internal error (exit 1).
+    """
+
+
 class CompressorWarning(UserWarning):
     """Warnings from compressor (the test suite turns them into errors)."""
+
+
+def first_line(exc: BaseException, limit: int = 300, empty: str | None = None) -> str:
+    """The first line of an exception's message, at most `limit` characters.
+
+    A message-less exception gives `empty`, or its type name when `empty` is None.
+    """
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__ if empty is None else empty
+    return text.splitlines()[0][:limit]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from compressor import zoo
-from compressor.errors import CompressorError, InputError
+from compressor.errors import CompressorError, InputError, first_line
 from compressor.lift import lift
 from compressor.meta import META_FILE, META_FORMAT, META_VERSION, parse_meta
 from compressor.pt2_check import check_program_targets, check_pt2_archive
@@ -133,7 +133,7 @@ def _load_pt2(path: Path, trust_pickle: bool = False) -> Loaded:
         try:
             program = torch.export.load(str(path), extra_files=extra)
         except Exception as exc:  # torch raises many types for a damaged archive
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise InputError(f"{str(path)!r} is a damaged .pt2 file: {first}") from None
         if not trust_pickle:
             check_program_targets(program, path)
@@ -337,7 +337,7 @@ def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.Expo
     try:
         return torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic)
     except Exception as exc:  # torch.export raises a zoo of error types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CompressorError(
             f"torch.export could not capture {type(model).__name__}: {first}; save its weights "
             "instead with an output path ending in .safetensors"

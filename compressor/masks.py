@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compressor.errors import InputError
+from compressor.errors import InputError, MachineryLeftError
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 # The per-layer floor (issue "Users' models" 6a): a layer keeps at least this share of
@@ -80,9 +80,67 @@ def bake_masks_(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) ->
             weight_of(layers[fqn]).mul_(mask.to(weight_of(layers[fqn]).dtype))
 
 
-def has_machinery(model: nn.Module) -> list[str]:
-    """Names any parametrization left on `model` (empty when clean)."""
-    return [fqn for fqn, m in model.named_modules() if parametrize.is_parametrized(m)]
+def has_machinery(model: nn.Module, before: frozenset[str] | None = None) -> list[str]:
+    """Names what a method left on `model`: parametrizations, hooks, new names (or []).
+
+    Args:
+        before: `model_names()` of the model before the method's `prepare()`; then hooks it
+            already had are not counted, and every module, parameter and buffer name that
+            was not there is (channel removal keeps names, so shapes are not compared;
+            modules that `surgery/` puts into a slimmed network are its structure, not the
+            method's machinery).
+    """
+    found = [fqn for fqn, m in model.named_modules() if parametrize.is_parametrized(m)]
+    known = before or frozenset()
+    found += sorted(name for name in _hooks(model) if name not in known)
+    if before is not None:
+        found += sorted(name for name in _names(model) if name not in before)
+    return found
+
+
+def check_no_machinery(model: nn.Module, before: frozenset[str], method: str) -> None:
+    """The lifecycle's postcondition: `finalize()` left nothing of `method` on `model`.
+
+    Raises:
+        MachineryLeftError: a leak (a bug in the method, never the user's input).
+    """
+    if leftovers := has_machinery(model, before):
+        shown = ", ".join(leftovers[:5]) + (
+            f" (+{len(leftovers) - 5} more)" if len(leftovers) > 5 else ""
+        )
+        raise MachineryLeftError(f"{method}: finalize() left machinery on the model: {shown}")
+
+
+def model_names(model: nn.Module) -> frozenset[str]:
+    """Module, parameter and buffer names and hooks of `model`, for `has_machinery(before=)`."""
+    return frozenset(_names(model)) | frozenset(_hooks(model))
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooks(model: nn.Module) -> list[str]:
+    return [
+        f"{fqn or '<model>'}: {kind.strip('_').replace('_', ' ')[:-1]} {key}"
+        for fqn, module in model.named_modules()
+        for kind in _HOOKS
+        for key in getattr(module, kind, {})
+    ]
+
+
+def _names(model: nn.Module) -> list[str]:
+    surgery = [
+        fqn
+        for fqn, m in model.named_modules()
+        if fqn and type(m).__module__.startswith("compressor.surgery.")
+    ]
+
+    def own(name: str) -> bool:
+        return not any(name == s or name.startswith(s + ".") for s in surgery)
+
+    names = [f"module {fqn}" for fqn, _ in model.named_modules() if fqn and own(fqn)]
+    names += [f"parameter {n}" for n, _ in model.named_parameters() if own(n)]
+    return names + [f"buffer {n}" for n, _ in model.named_buffers() if own(n)]
 
 
 def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:

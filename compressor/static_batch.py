@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from compressor.errors import InputError
+from compressor.errors import InputError, first_line
 
 aten = torch.ops.aten
 
@@ -113,7 +113,7 @@ def check_any_batch(model: fx.GraphModule, path: str, hint: str) -> None:
             with torch.no_grad():
                 model(sample)
         except Exception as exc:  # whatever op still holds the export batch
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            first = first_line(exc, 200, empty="")
             raise InputError(
                 f"{path!r} was exported with its batch fixed at {batch} and fails at batch "
                 f"{probe} ({type(exc).__name__}: {first}); re-export it with a dynamic "

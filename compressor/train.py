@@ -145,17 +145,11 @@ def fit(
         start_epoch: first epoch to run (when resuming from a checkpoint).
         on_epoch_end: called with the number of finished epochs (e.g. to checkpoint).
     """
-    if len(loader) == 0:
-        raise InputError("the training data is empty")
-    run = run_checkpoint.current()
-    phase = run.begin_phase(description) if run is not None else None
-    if run is not None and run.finished(phase):
-        run.restore_finished(phase, model, loader)
+    run, phase, start_epoch = _begin_phase(
+        description, model, optimizer, scheduler, loader, start_epoch
+    )
+    if start_epoch is None:
         return []
-    if run is not None:
-        start_epoch = max(
-            start_epoch, run.restore_current(phase, model, optimizer, scheduler, loader)
-        )
     if distill is not None:
         distill.teacher.eval()
     shard = distributed.shard(loader)
@@ -175,6 +169,22 @@ def fit(
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1)
     return history
+
+
+def _begin_phase(description, model, optimizer, scheduler, loader, start_epoch: int):
+    """(run, phase, first epoch) of a fit: (None, None, start_epoch) outside a checkpoint
+    session, first epoch None when a resumed run had finished the phase (restored here)."""
+    if len(loader) == 0:
+        raise InputError("the training data is empty")
+    run = run_checkpoint.current()
+    if run is None:
+        return None, None, start_epoch
+    phase = run.begin_phase(description)
+    if run.finished(phase):
+        run.restore_finished(phase, model, loader)
+        return run, phase, None
+    resumed = run.restore_current(phase, model, optimizer, scheduler, loader)
+    return run, phase, max(start_epoch, resumed)
 
 
 def _epoch(net, loader, optimizer, scheduler, hooks, done, total, advance):
@@ -229,7 +239,25 @@ def evaluate(
 
 
 def sgd(params, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
+    """SGD with momentum and weight decay, the toolkit's default optimiser."""
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def sgd_cosine(
+    params,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD and its per-step schedule: linear warm-up, then cosine decay to 0."""
+    optimizer = sgd(params, lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_lambda(total_steps, warmup_steps)
+    )
+    return optimizer, scheduler
 
 
 def train_dense(
@@ -246,10 +274,13 @@ def train_dense(
     With `checkpoint`, state is saved after every epoch, and a run that finds an existing
     checkpoint at that path resumes from it.
     """
-    optimizer = sgd(model.parameters(), lr, weight_decay=weight_decay)
-    warmup = min(len(loader), epochs * len(loader) // 4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_lambda(epochs * len(loader), warmup)
+    optimizer, scheduler = sgd_cosine(
+        model.parameters(),
+        lr=lr,
+        momentum=0.9,
+        weight_decay=weight_decay,
+        total_steps=epochs * len(loader),
+        warmup_steps=min(len(loader), epochs * len(loader) // 4),
     )
     start, on_epoch_end = 0, None
     if checkpoint is not None:

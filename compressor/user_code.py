@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Iterator
 
-from compressor.errors import CompressorError, InputError
+from compressor.errors import CompressorError, InputError, first_line
 
 SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 # shown in --help and README; kept here so both options say the same
@@ -47,7 +47,7 @@ def call_spec(spec: str, option: str) -> object:
         except CompressorError:
             raise
         except Exception as exc:  # the user's function failed, not compressor
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = first_line(exc, empty="")
             raise InputError(
                 f"{option} {spec!r}: {func_name}() raised {type(exc).__name__}: {first}"
             ) from exc

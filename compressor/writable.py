@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.errors import CompressorError, InputError
+from compressor.errors import CompressorError, InputError, first_line
 from compressor.io import STATE_DICT_SUFFIXES, export_program
 
 
@@ -39,7 +39,7 @@ def check_writable(
         with torch.no_grad(), _silenced():
             export_program(model, tuple(example_inputs))
     except CompressorError as exc:
-        reason = _first_line(exc.__cause__ or exc)
+        reason = first_line(exc.__cause__ or exc)
         raise InputError(
             f"cannot write {str(path)!r}: torch.export cannot capture {type(model).__name__} "
             f"({reason}); use -o {path.with_suffix('.safetensors')} to save its weights "
@@ -56,8 +56,3 @@ def _silenced() -> Iterator[None]:
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         yield
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

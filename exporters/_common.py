@@ -26,9 +26,3 @@ def flat_outputs(model: nn.Module, batch: tuple) -> list[torch.Tensor]:
         out = model(*batch)
     leaves = torch.utils._pytree.tree_leaves(out)
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-
-
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message (its type name when it has none)."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else type(exc).__name__

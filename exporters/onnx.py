@@ -24,11 +24,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from compressor.errors import CompressorError, InputError
+from compressor.errors import CompressorError, InputError, first_line
 from compressor.io import atomic_write
 from compressor.outputs import named_outputs
 from exporters import effect
-from exporters._common import eval_mode, first_line, flat_outputs
+from exporters._common import eval_mode, flat_outputs
 from exporters.onnx_export import Exported, export_graph, opset_of
 
 # Tolerance of the onnxruntime check, relative to the inputs' effect (the largest spread

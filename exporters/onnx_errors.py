@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, first_line
 
 # what to try instead, for every op failure (the flag belongs to `compress export`)
 REMEDY = "replace the op or try --exporter legacy"
@@ -33,7 +33,7 @@ def export_failure(
     """
     chain = _chain(exc)
     node = next((m for m in map(_NODE.search, map(str, chain)) if m), None)
-    innermost = _first_line(chain[-1])
+    innermost = _ANSI.sub("", first_line(chain[-1]))
     if node is None:
         return CompressorError(f"torch.onnx could not export {type(model).__name__}: {innermost}")
     name, target = node.group(1), node.group(2).removeprefix("torch.ops.")
@@ -61,11 +61,6 @@ def _chain(exc: BaseException) -> list[BaseException]:
         chain.append(exc)
         exc = exc.__cause__ or exc.__context__
     return chain
-
-
-def _first_line(exc: BaseException) -> str:
-    text = _ANSI.sub("", str(exc)).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _module_of(model: nn.Module, example_inputs: tuple, name: str, target: str) -> str | None:

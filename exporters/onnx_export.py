@@ -25,8 +25,7 @@ import onnx
 import torch
 from torch import fx, nn
 
-from compressor.errors import CompressorError, InputError
-from exporters._common import first_line
+from compressor.errors import CompressorError, InputError, first_line
 from exporters.onnx_errors import REMEDY, export_failure
 
 EXPORTERS = ("auto", "dynamo", "legacy")

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from compressor.budget import Budget
+from compressor.distill import train_loader
 from compressor.masks import has_machinery
 from compressor.methods import prune
 from compressor.methods.gmp import GradualMagnitude, zhu_gupta_sparsity
-from compressor.methods.probmask import train_loader
 
 
 @pytest.fixture(autouse=True)

@@ -45,7 +45,13 @@ def no_work(monkeypatch):
 
         return fake
 
-    for target in ("cli.main.load_data_spec", "cli.main.load", "cli.export.load_data_spec"):
+    for target in (
+        "cli.main.load_data_spec",
+        "cli.main.load",
+        "cli.prune_steps.load_data_spec",
+        "cli.prune_steps.load",
+        "cli.export.load_data_spec",
+    ):
         monkeypatch.setattr(target, record(target))
     monkeypatch.setattr("cli.export.load", record("cli.export.load"))
     monkeypatch.setattr("cli.demo.load_data", record("cli.demo.load_data"))

@@ -13,6 +13,7 @@ from torch import nn
 
 from cli.main import cli
 from compressor.budget import Budget
+from compressor.distill import train_loader
 from compressor.io import save_model
 from compressor.masks import has_machinery
 from compressor.methods import prune
@@ -23,7 +24,6 @@ from compressor.methods.probmask import (
     project_scores_,
     relaxed_masked_weight,
     temperature,
-    train_loader,
 )
 from compressor.zoo import build
 

@@ -7,9 +7,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from compressor.budget import Budget
+from compressor.distill import train_loader
 from compressor.errors import InputError
 from compressor.methods import get_method, prune
-from compressor.methods.probmask import train_loader
 from compressor.train import evaluate
 
 # (method, budget, its baseline at the same budget, overrides): unstructured methods
@@ -31,7 +31,9 @@ def unlabelled(digits):
     """digits' training inputs with the labels removed (the -1 placeholder)."""
     x = torch.cat([x for x, _ in DataLoader(digits.train.dataset, batch_size=512)])
     dataset = TensorDataset(x, torch.full((len(x),), -1, dtype=torch.long))
-    loader = DataLoader(dataset, batch_size=64, shuffle=True)
+    loader = DataLoader(
+        dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     return dataclasses.replace(
         digits, train=loader, val=None, test=None, has_labels=False, num_classes=None
     )

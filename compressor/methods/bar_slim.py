@@ -5,17 +5,18 @@ from __future__ import annotations
 import fnmatch
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from compressor.errors import InputError
+from compressor.examples import example_inputs_of
+from compressor.finetune import finetune_, step_lambda
 from compressor.methods.bar_cost import Adjustment, CostModel
 from compressor.methods.bar_gates import GateUnit
 from compressor.stats import measure
 from compressor.surgery import SlimResult, slim_
 from compressor.surgery.streams import stream_name, unmixable_streams
-from compressor.train import Distill, fit, recalibrate_batchnorm_, sgd
+from compressor.train import recalibrate_batchnorm_, sgd
 
 if TYPE_CHECKING:
     from compressor.budget import Budget
@@ -34,16 +35,8 @@ def excluder(patterns: tuple[str, ...]):
 
 
 def example_of(model: nn.Module, example_inputs) -> tuple:
-    """The example inputs given, else a random batch of `model.input_shape`."""
-    if example_inputs is not None:
-        return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    shape = getattr(model, "input_shape", None)
-    if not shape:
-        raise InputError(
-            "channel pruning traces the model and needs example inputs: pass "
-            "prepare(example_inputs=...) or give the model an input_shape"
-        )
-    return (torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)),)
+    """The example inputs given, else a seeded random batch of `model.input_shape`."""
+    return example_inputs_of(model, example_inputs, "channel pruning")
 
 
 def tied_fallback(model: nn.Module, costs: CostModel, example: tuple, residual: str, excluded):
@@ -71,37 +64,6 @@ def slim_model(model: nn.Module, keep: dict, example: tuple, residual: str) -> S
     return result
 
 
-def finetune_(
-    model: nn.Module,
-    loader: DataLoader,
-    *,
-    epochs: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    lowlr_fraction: float,
-    lowlr_factor: float,
-    distill: Distill | None,
-) -> None:
-    """Trains the slimmed model: constant lr, then lr * lowlr_factor for the last steps. In place."""
-    if epochs <= 0:
-        return
-    optimizer = sgd(model.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
-    drop = round(epochs * len(loader) * (1.0 - lowlr_fraction))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 1.0 if step < drop else lowlr_factor
-    )
-    fit(
-        model,
-        loader,
-        epochs=epochs,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        distill=distill,
-        description="fine-tune",
-    )
-
-
 def recalibrate_and_finetune_(model: nn.Module, loader: DataLoader, cfg, distill) -> nn.Module:
     """BatchNorm statistics re-estimated on the slimmed model, then the fine-tuning phases.
 
@@ -109,15 +71,14 @@ def recalibrate_and_finetune_(model: nn.Module, loader: DataLoader, cfg, distill
     Modifies `model` in place and leaves it in eval mode.
     """
     recalibrate_batchnorm_(model, loader, max_batches=cfg.bn_batches)
+    # constant lr, then lr * lowlr_factor for the last lowlr_fraction of the steps
+    drop = round(cfg.finetune_epochs * len(loader) * (1.0 - cfg.lowlr_fraction))
     finetune_(
         model,
         loader,
         epochs=cfg.finetune_epochs,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        lowlr_fraction=cfg.lowlr_fraction,
-        lowlr_factor=cfg.lowlr_factor,
+        optimizer=sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay),
+        lr_factor=step_lambda(drop, cfg.lowlr_factor),
         distill=distill,
     )
     return model.eval()

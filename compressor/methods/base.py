@@ -29,8 +29,9 @@ from compressor.factors import DenseBaseline
 from compressor.guard import check_no_collapse, empty_layers
 from compressor.masks import (
     apply_masks_,
-    has_machinery,
+    check_no_machinery,
     layer_floors,
+    model_names,
     prunable_layers,
     strip_,
     weight_of,
@@ -320,57 +321,58 @@ def prune(
         classes = data.num_classes if cls.needs == "labels" else None
         check_task_output(instance.model, data.sample_inputs(2), instance.config.output, classes)
     empty_before = tuple(empty_layers(model, instance.config.exclude))
-    fingerprint = None
+    before = model_names(instance.model)  # for the postcondition: finalize() leaves none
+    session = {"path": checkpoint_path, "resume": resume, "fingerprint": None}
     if checkpoint_path is not None or resume is not None:  # hashing the model costs a pass
-        fingerprint = {
-            "method": method,
-            "config": _jsonable(dataclasses.asdict(instance.config)),
-            "budget": budget.to_dict(),
-            "seed": seed,
-            "model": checkpoint.model_digest(model),
-            "data": data.fingerprint() if data is not None else None,
-            "processes": distributed.world_size(),
-        }
+        config = _jsonable(dataclasses.asdict(instance.config))
+        session["fingerprint"] = checkpoint.fingerprint(method, config, budget, seed, model, data)
     start = time.perf_counter()
-    with checkpoint.session(
-        path=checkpoint_path,
-        resume=resume,
-        fingerprint=fingerprint,
-        method=instance,
-        check_ranks=check_ranks,
-    ) as run:
+    result, ranks = _run_session(instance, model, data, session, check_ranks)
+    result.report["seconds"] = time.perf_counter() - start
+    result.report["seed"] = seed
+    result.report["factors"] = baseline.factors(result.model)
+    if ranks is not None:
+        result.report["distributed"] = ranks
+    _check_result(result, model, instance, before, empty_before)
+    return result
+
+
+def _check_result(result: Result, model: nn.Module, instance: Method, before, empty_before):
+    """prune()'s postconditions: no machinery left, the budget met, no layer emptied."""
+    check_no_machinery(result.model, before, instance.name)
+    try:
+        check_target(result.report, instance.budget)
+    except TargetNotReachedError as exc:
+        raise with_pins(exc, model, instance) from exc
+    if not instance.config.allow_layer_collapse:
+        check_no_collapse(result.model, instance.config.exclude, instance.name, empty_before)
+
+
+def _run_session(
+    instance: Method, model: nn.Module, data: Data | None, session: dict, check_ranks: bool
+) -> tuple[Result, dict | None]:
+    """`instance.run(data)` in a checkpoint session: the Result (labels added), the rank report."""
+    with checkpoint.session(**session, method=instance, check_ranks=check_ranks) as run:
         with task_output(instance.config.output):
             try:
                 result = instance.run(data)
             except TargetNotReachedError as exc:
                 raise with_pins(exc, model, instance) from exc
         digests = run.check("the final model", result.model) if distributed.active() else None
-    if (checkpoint_path is not None or resume is not None) and not run.phases:
+    if (session["path"] is not None or session["resume"] is not None) and not run.phases:
         warnings.warn(
-            f"method {method!r} does not train in epochs, so nothing was checkpointed",
+            f"method {instance.name!r} does not train in epochs, so nothing was checkpointed",
             CompressorWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     result.report |= instance.labels or {}
-    result.report["seconds"] = time.perf_counter() - start
-    result.report["seed"] = seed
-    result.report["factors"] = baseline.factors(result.model)
-    if digests is not None:
-        result.report["distributed"] = {
-            "processes": distributed.world_size(),
-            "rank_digests": digests,  # of the final model and method state, all equal
-            "rank_checks": run.checks,
-        }
-    leftovers = has_machinery(result.model)
-    if leftovers:
-        raise TargetNotReachedError(f"{method}: machinery left on {leftovers} after finalize()")
-    try:
-        check_target(result.report, budget)
-    except TargetNotReachedError as exc:
-        raise with_pins(exc, model, instance) from exc
-    if not instance.config.allow_layer_collapse:
-        check_no_collapse(result.model, instance.config.exclude, method, empty_before)
-    return result
+    if digests is None:
+        return result, None
+    return result, {
+        "processes": distributed.world_size(),
+        "rank_digests": digests,  # of the final model and method state, all equal
+        "rank_checks": run.checks,
+    }
 
 
 def with_pins(exc: TargetNotReachedError, model: nn.Module, method: Method) -> Exception:

@@ -25,7 +25,7 @@ from compressor.masks import apply_masks_, floor_counts, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, clone_model, register_method
 from compressor.methods.magnitude import erk_densities, exact_counts, masks_from_counts
 from compressor.outputs import distill_loss, flat_tensors
-from compressor.train import cosine_lambda, progress, recalibrate_batchnorm_
+from compressor.train import progress, recalibrate_batchnorm_, sgd_cosine
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -109,9 +109,14 @@ def reconstruct_(
     loader = DataLoader(
         TensorDataset(inputs, *targets), config.batch_size, shuffle=True, generator=generator
     )
-    optimizer = torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum)
-    warmup = round(config.warmup_epochs * len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(config.steps, warmup))
+    optimizer, scheduler = sgd_cosine(
+        param_groups,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=0.0,
+        total_steps=config.steps,
+        warmup_steps=round(config.warmup_epochs * len(loader)),
+    )
     history = {"reconstruction": [], "penalty": [], "steps_per_epoch": len(loader)}
     history["samples"] = len(inputs)
     _norms_train_only(model)

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
+from compressor.finetune import finetune_masked_
 from compressor.masks import apply_masks_, global_topk, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
-from compressor.methods.probmask import finetune_masked_
-from compressor.train import cosine_lambda, fit, sgd
+from compressor.train import fit, sgd_cosine
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -127,8 +127,13 @@ class GradualMagnitude(Method):
         self.prepare()
         total = cfg.epochs * len(loader)
         if total:
-            optimizer = sgd(self.model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(total))
+            optimizer, scheduler = sgd_cosine(
+                self.model.parameters(),
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+                total_steps=total,
+            )
             fit(
                 self.model,
                 loader,
@@ -148,16 +153,7 @@ class GradualMagnitude(Method):
             self.update = cfg.updates
             self.mask_to(self.budget.keep)
         if loader is not None:
-            wd = cfg.weight_decay
-            finetune_masked_(
-                self.model,
-                loader,
-                cfg.finetune_epochs,
-                cfg.finetune_lr,
-                cfg.momentum,
-                wd,
-                self.soft_targets,
-            )
+            finetune_masked_(self.model, loader, cfg, self.soft_targets)
         strip_(self.model)
         self.model.eval()
         return Result(self.model, self.base_report())

@@ -33,6 +33,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from compressor.errors import CompressorError, CompressorWarning, InputError
+from compressor.examples import example_inputs_of
+from compressor.finetune import finetune_, step_lambda
 from compressor.masks import apply_masks_, prunable_layers, strip_, weight_of
 from compressor.methods import gss_prune, gss_reg
 from compressor.methods.base import (
@@ -139,7 +141,7 @@ class Gss(Method):
             example_inputs: a batch the model runs on; default: two random inputs of
                 `model.input_shape` (zoo models have it).
         """
-        self.example = (_example(self.model, example_inputs),)
+        self.example = example_inputs_of(self.model, example_inputs, "gss")
         structured = self.variant == "structure"
         try:
             self.groups = channel_groups(self.model, self.example)
@@ -313,20 +315,14 @@ class Gss(Method):
 
     def _finetune(self, loader: DataLoader) -> None:
         cfg = self.config
-        optimizer = self._optimizer(cfg.finetune_lr, cfg.finetune_weight_decay)
         half = cfg.finetune_epochs * len(loader) // 2
-        # official: lr x 0.1 at epoch 25 of 50, i.e. halfway
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 1.0 if step < half else 0.1
-        )
-        fit(
+        finetune_(
             self.model,
             loader,
             epochs=cfg.finetune_epochs,
-            optimizer=optimizer,
-            scheduler=scheduler,
+            optimizer=self._optimizer(cfg.finetune_lr, cfg.finetune_weight_decay),
+            lr_factor=step_lambda(half, 0.1),  # official: lr x 0.1 at epoch 25 of 50
             distill=self.soft_targets,
-            description="fine-tune",
         )
 
     def describe(self) -> str:
@@ -367,15 +363,6 @@ def _check_config(cfg: GssConfig, budget: Budget) -> str:
             f"give --budget {budget.factor:.4g}x (FLOPs is the default for this variant)"
         )
     return variant
-
-
-def _example(model, example_inputs: torch.Tensor | None) -> torch.Tensor:
-    if example_inputs is not None:
-        return example_inputs
-    shape = getattr(model, "input_shape", None)
-    if shape is None:
-        raise InputError("gss needs example inputs to trace the model: call prepare(x)")
-    return torch.randn(2, *shape)
 
 
 def _predicted_keep(counter, keep: dict[int, torch.Tensor], dense_flops: float) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, first_line
 from compressor.io import export_program
 from compressor.lift import lift
 
@@ -65,7 +65,7 @@ def trace(model: nn.Module, example_inputs: tuple) -> Traced:
         try:
             gm, source, note = symbolic_trace(model), "fx", ""
         except Exception as exc:  # fx raises TraceError, TypeError, AttributeError, ...
-            note = _first_line(exc)
+            note = first_line(exc)
             gm, source = _export(model, inputs, note), "export"
     return Traced(gm, run_graph(gm, inputs), source, note)
 
@@ -136,7 +136,7 @@ def _through_custom_modules(gm: fx.GraphModule) -> tuple[fx.GraphModule, str, st
     try:
         return symbolic_trace(gm, _ThroughTracer()), "fx", ""
     except Exception as exc:  # keep the graph as given; its custom ops stay opaque
-        return gm, "graph", f"cannot trace into its custom modules: {_first_line(exc)}"
+        return gm, "graph", f"cannot trace into its custom modules: {first_line(exc)}"
 
 
 def _export(model: nn.Module, inputs: tuple, fx_reason: str) -> fx.GraphModule:
@@ -145,13 +145,8 @@ def _export(model: nn.Module, inputs: tuple, fx_reason: str) -> fx.GraphModule:
     except CompressorError as exc:
         raise CompressorError(
             f"cannot build a dataflow graph of {type(model).__name__}: torch.fx failed "
-            f"({fx_reason}) and torch.export failed ({_first_line(exc.__cause__ or exc)})"
+            f"({fx_reason}) and torch.export failed ({first_line(exc.__cause__ or exc)})"
         ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Recorder(fx.Interpreter):
