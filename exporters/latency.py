@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.errors import CompressorError, InputError
-from exporters._common import eval_mode, first_line
+from compressor.errors import CompressorError, InputError, first_line
+from exporters._common import eval_mode
 from exporters.onnx import to_onnx
 
 THREADS = 1  # intra-op threads: comparable across machines, independent of free cores

@@ -242,8 +242,21 @@ class SparseGpt(Method):
         target.copy_(pruned.reshape(target.shape).to(target.dtype))
         return relative_error(weight, pruned, hessian)
 
+    def prepare(self, example_inputs: torch.Tensor | None = None) -> None:
+        """Installs nothing; keeps `example_inputs` as calibration inputs for `finalize()`.
+
+        A pipeline that drives the lifecycle itself passes its calibration batch here (or
+        calls `prune_(inputs)`); `prune()` calls `run(data)`, which calibrates on the data.
+        """
+        self.example_inputs = example_inputs
+
     def finalize(self) -> Result:
         """The pruned model (no machinery was installed) and the report."""
+        if self.solved is None and getattr(self, "example_inputs", None) is not None:
+            self.prune_(self.example_inputs)
         if self.solved is None:
-            raise CompressorError("sparsegpt: call run(data) or prune_(inputs) before finalize()")
+            raise CompressorError(
+                "sparsegpt: give calibration inputs (prepare(inputs), prune_(inputs) or "
+                "run(data)) before finalize()"
+            )
         return Result(self.model, self.base_report() | self.solved)
