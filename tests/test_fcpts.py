@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from cli.main import cli
 from compressor import build_model, get_method, load_data, prune, save_model
 from compressor.budget import parse_sparsity
+from compressor.data import Data
 from compressor.errors import InputError
 from compressor.masks import has_machinery, prunable_layers, weight_of
 from compressor.methods import fcpts, fcpts_recon
@@ -66,6 +67,13 @@ class DataDependentAttention(nn.Module):
             if update.abs().mean() < 0.05:  # data-dependent early exit
                 break
         return self.head(h.mean(dim=1))
+
+
+def toy_sequences(count: int = 128) -> tuple[torch.Tensor, Data]:
+    """Random 6x8 sequences for DataDependentAttention, as unlabelled Data."""
+    x = torch.randn(count, 6, 8)
+    loader = DataLoader(TensorDataset(x, torch.full((count,), -1)), batch_size=32)
+    return x, Data(loader, None, None, (6, 8), None, "toy-sequences", has_labels=False)
 
 
 @pytest.fixture(scope="module")
@@ -309,10 +317,7 @@ def test_fcpts_on_an_attention_model_torch_fx_cannot_trace():
     model = DataDependentAttention()
     with pytest.raises(torch.fx.proxy.TraceError):
         torch.fx.symbolic_trace(model)
-    x = torch.randn(128, 6, 8)
-    loader = DataLoader(TensorDataset(x, torch.full((128,), -1)), batch_size=32)
-    data = load_data("digits")
-    data = type(data)(loader, None, None, (6, 8), None, "toy-sequences", has_labels=False)
+    x, data = toy_sequences()
     result = prune(model, "fcpts", 0.8, data, **FAST)
     assert abs(_zeros(result.model) - round(0.8 * _prunable_total(model))) <= 1
     assert not has_machinery(result.model)

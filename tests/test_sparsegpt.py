@@ -11,10 +11,9 @@ import torch
 import torch.fx
 from click.testing import CliRunner
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from cli.main import cli
-from compressor import get_method, load_data, prune, zoo
+from compressor import get_method, prune, zoo
 from compressor.budget import parse_sparsity
 from compressor.errors import CompressorError, InputError
 from compressor.masks import has_machinery, prunable_layers, weight_of
@@ -28,7 +27,7 @@ from compressor.methods.sparsegpt_solve import (
     obs_saliency,
     sparsegpt_solve,
 )
-from tests.test_fcpts import DataDependentAttention
+from tests.test_fcpts import DataDependentAttention, toy_sequences
 
 DAMP = 0.01
 
@@ -289,10 +288,7 @@ def test_on_an_attention_model_torch_fx_cannot_trace():
     model = DataDependentAttention()
     with pytest.raises(torch.fx.proxy.TraceError):
         torch.fx.symbolic_trace(model)
-    x = torch.randn(128, 6, 8)
-    loader = DataLoader(TensorDataset(x, torch.full((128,), -1)), batch_size=32)
-    data = load_data("digits")
-    data = type(data)(loader, None, None, (6, 8), None, "toy-sequences", has_labels=False)
+    x, data = toy_sequences()
     result = prune(model, "sparsegpt", 0.8, data, calib_samples=64)
     zeros, total = _zeros_and_total(result.model)
     assert zeros == round(0.8 * total)
