@@ -89,7 +89,7 @@ def validate(cls, source: str, output: str, options: dict) -> PruneJob:
     """Loads data and model and checks them (labels, accuracy floor, writable output)."""
     from cli.guard import check_min_accuracy_usable
     from compressor.errors import InputError
-    from compressor.writable import check_writable
+    from compressor.writable import check_savable
 
     data = load_data_spec(options["data"], seed=options["seed"])
     loaded = load(source, options["arch"], options["trust_pickle"], data)
@@ -97,7 +97,7 @@ def validate(cls, source: str, output: str, options: dict) -> PruneJob:
         raise InputError(f"method {options['method']!r} needs --data (it uses {cls.needs})")
     check_min_accuracy_usable(options["min_accuracy"], data)
     labelled = data is not None and data.has_labels
-    check_writable(loaded.model, output, example_inputs(loaded, data), loaded.format)
+    check_savable(loaded.model, output, example_inputs(loaded, data), loaded.format)
     return PruneJob(
         source=source,
         output=output,

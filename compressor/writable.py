@@ -19,7 +19,7 @@ from compressor.errors import CompressorError, InputError, first_line
 from compressor.io import STATE_DICT_SUFFIXES, export_program
 
 
-def check_writable(
+def check_savable(
     model: nn.Module, path: str | Path, example_inputs: tuple, model_format: str = ""
 ) -> None:
     """Raises unless `model` can be saved at `path` by `compressor.io.save_model`.
