@@ -38,7 +38,7 @@ from compressor import zoo
 from compressor.budget import Budget
 from compressor.distill import train_loader
 from compressor.methods import prune
-from compressor.methods.bar_slim import finetune_
+from compressor.methods.bar.slim import finetune_
 from compressor.stats import measure
 from compressor.train import Distill, evaluate, recalibrate_batchnorm_
 

@@ -30,7 +30,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bench.common import OUT, machine, markdown_table, write_json, write_section
 from compressor.data import Data
-from compressor.methods import base, fcpts, fcpts_bridge, fcpts_recon, prune
+from compressor.methods import base, fcpts, prune
+from compressor.methods.fcpts import bridge as fcpts_bridge
+from compressor.methods.fcpts import recon as fcpts_recon
 
 DEFAULT_STEPS = fcpts.FcptsConfig.steps
 DEFAULT_CALIB = fcpts.FcptsConfig.calib_samples

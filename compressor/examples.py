@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from compressor.errors import InputError
+
+if TYPE_CHECKING:
+    from compressor.data import Data
 
 EXAMPLE_SEED = 0  # a fixed generator: tracing must not depend on (or move) the global RNG
 
@@ -26,3 +31,11 @@ def example_inputs_of(model: nn.Module, example_inputs, who: str) -> tuple:
         )
     generator = torch.Generator().manual_seed(EXAMPLE_SEED)
     return (torch.randn(2, *shape, generator=generator),)
+
+
+def calibration_inputs(data: Data | None, samples: int, batch_size: int) -> torch.Tensor:
+    """The first `samples` calibration images of `data` (labels, if any, are ignored)."""
+    if data is None:
+        raise InputError("reconstruction needs calibration inputs; pass --data SPEC")
+    loader = data.calibration(samples, batch_size)
+    return torch.cat([x for x, _ in loader])

@@ -7,7 +7,11 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["compressor", "compressor/methods", "compressor/surgery", "cli", "exporters"]
+# Every folder that is a package under these roots, methods' per-method folders included.
+ROOTS = ["compressor", "cli", "exporters"]
+PACKAGES = sorted(
+    str(init.parent.relative_to(ROOT)) for r in ROOTS for init in (ROOT / r).rglob("__init__.py")
+)
 
 
 def main() -> None:

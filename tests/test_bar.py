@@ -15,8 +15,8 @@ from compressor.errors import InputError, TargetNotReachedError
 from compressor.io import load_model
 from compressor.methods import prune
 from compressor.methods.bar import Bar
-from compressor.methods.bar_cost import CostModel
-from compressor.methods.bar_gates import (
+from compressor.methods.bar.cost import CostModel
+from compressor.methods.bar.gates import (
     BARRIER_CAP,
     barrier,
     barrier_multiplier,

@@ -87,7 +87,7 @@ def test_budget_met(factor, metric, small_digits):
 def test_slimmed_equals_masked_model():
     method = _prepared("mobilenetv2", Budget("volume", 0.4))
     reference = _model("mobilenetv2")
-    from compressor.methods.bar_cost import keep_dict
+    from compressor.methods.bar.cost import keep_dict
     from compressor.surgery import mask_
 
     keep = keep_dict(method.units, method.masks)

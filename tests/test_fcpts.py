@@ -21,9 +21,10 @@ from compressor.budget import parse_sparsity
 from compressor.data import Data
 from compressor.errors import InputError
 from compressor.masks import has_machinery, prunable_layers, weight_of
-from compressor.methods import fcpts, fcpts_recon
+from compressor.methods import fcpts
 from compressor.methods.fcpts import exact_masks, initial_score
-from compressor.methods.fcpts_bridge import layer_sparsity
+from compressor.methods.fcpts import recon as fcpts_recon
+from compressor.methods.fcpts.bridge import layer_sparsity
 from compressor.methods.magnitude import ErkMagnitude
 
 FAST = {"steps": 12, "calib_samples": 128, "batch_size": 32}

@@ -16,9 +16,10 @@ from compressor import zoo
 from compressor.budget import Budget
 from compressor.errors import CompressorWarning, InputError
 from compressor.masks import has_machinery, weight_of
-from compressor.methods import gss_prune, prune
-from compressor.methods import gss_reg as R
+from compressor.methods import prune
 from compressor.methods.gss import Gss
+from compressor.methods.gss import prune as gss_prune
+from compressor.methods.gss import reg as R
 from compressor.stats import measure
 from compressor.surgery.select import SelectedLinear
 

@@ -14,7 +14,8 @@ import torch
 from compressor import zoo
 from compressor.budget import Budget
 from compressor.errors import InputError
-from compressor.methods import bar_slim, get_method, gss
+from compressor.methods import get_method, gss
+from compressor.methods.bar import slim as bar_slim
 from compressor.surgery import channel_groups
 from compressor.surgery.streams import unmixable_streams
 from exporters.onnx import export_onnx

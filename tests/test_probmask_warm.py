@@ -17,7 +17,7 @@ from compressor.masks import apply_masks_, prunable_layers, strip_
 from compressor.methods import prune
 from compressor.methods.base import clone_model
 from compressor.methods.probmask import ProbMask
-from compressor.methods.probmask_warm import magnitude_scores
+from compressor.methods.probmask.warm import magnitude_scores
 from compressor.train import evaluate
 
 

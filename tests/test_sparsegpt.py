@@ -17,9 +17,9 @@ from compressor import get_method, prune, zoo
 from compressor.budget import parse_sparsity
 from compressor.errors import CompressorError, InputError
 from compressor.masks import has_machinery, prunable_layers, weight_of
-from compressor.methods.fcpts_recon import erk_counts
+from compressor.methods.magnitude import erk_counts
 from compressor.methods.sparsegpt import SparseGpt, call_profile, hessians
-from compressor.methods.sparsegpt_solve import (
+from compressor.methods.sparsegpt.solve import (
     block_zero_counts,
     grouped_weight,
     hinv_upper,

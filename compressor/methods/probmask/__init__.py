@@ -23,7 +23,7 @@ same loss, so the comparison isolates how weights are chosen).
 Choices of ours, for a trained model (the usual case; `from_scratch=True` restores the
 paper's start exactly): the scores start as a soft global magnitude ranking already at
 the target, s = sigmoid(sharpness (log|w| - c)) with c such that sum(s) = k n
-(probmask_warm.py), and the keep fraction is the target from the first step. Why: the
+(probmask/warm.py), and the keep fraction is the target from the first step. Why: the
 paper's scores start at 1 and the projection lowers them all alike while their gradients
 on a converged model are noise, so a short run trains a randomly thinned network (digits
 LeNet-5 at 90 % with 1 + 1 epochs: 51 % against 88 % for magnitude-global + the same
@@ -33,7 +33,7 @@ from 1 would spread the budget uniformly again (46 % in the same test, seed 0), 
 is none. The scores' Adam lr is `warm_score_lr` (0.05): the official 6e-3 is sized for
 ~60k steps. The weight lr stays 0.01, a tenth of the official (1e-3 was no better). The
 final mask is the global top-k of s, ties by |w| (unchanged); measurements in
-probmask_warm.py.
+probmask/warm.py.
 """
 
 from __future__ import annotations
@@ -52,14 +52,14 @@ from compressor.errors import InputError
 from compressor.finetune import finetune_masked_
 from compressor.masks import apply_masks_, global_topk, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
-from compressor.methods.probmask_math import (
+from compressor.methods.probmask.relax import (
     keep_fraction,
     logistic_noise,  # noqa: F401  (public: tests and notebooks import it from here)
     project_scores_,
     relaxed_masked_weight,
     temperature,
 )
-from compressor.methods.probmask_warm import check_sharpness, warm_start_
+from compressor.methods.probmask.warm import check_sharpness, warm_start_
 from compressor.outputs import select_output
 from compressor.train import (
     fit,
@@ -113,7 +113,7 @@ class ProbMaskConfig(MethodConfig):
     select_batches: int = 50
     batch_size: int = 64  # the toolkit's loader default (official 256 on a GPU)
     # False (a trained model, the usual case): scores start as a soft global magnitude
-    # ranking at the target keep fraction (probmask_warm.py); True: the paper's start
+    # ranking at the target keep fraction (probmask/warm.py); True: the paper's start
     # (every score `score_init`, keep schedule from 1), for a model trained from scratch.
     from_scratch: bool = False
     # warm start: s = sigmoid(sharpness * (log|w| - c)); 8 puts a weight at twice the
@@ -121,7 +121,7 @@ class ProbMaskConfig(MethodConfig):
     warm_sharpness: float = 8.0
     # warm start: the scores' Adam lr (cosine). The official 6e-3 is sized for ~60k steps
     # and barely moves warm scores in a short run; on digits (18 steps per epoch) 0.05-0.1
-    # gained 1-3 points over 6e-3 and 0.02 (probmask_warm.py)
+    # gained 1-3 points over 6e-3 and 0.02 (probmask/warm.py)
     warm_score_lr: float = 0.05
 
 
@@ -218,7 +218,7 @@ class ProbMask(Method):
         if cfg.from_scratch:
             return keep_fraction(progress, self.budget.keep, cfg.keep_start, cfg.keep_end)
         # warm: the scores already start at the target; a ramp from k = 1 would lower every
-        # score alike, as from scratch, and lost 40 points on digits (probmask_warm.py)
+        # score alike, as from scratch, and lost 40 points on digits (probmask/warm.py)
         return self.budget.keep
 
     def set_temperature(self, tau: float) -> None:

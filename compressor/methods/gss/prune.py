@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from compressor.errors import TargetNotReachedError
 from compressor.masks import WeightMask, global_topk, weight_of
-from compressor.methods.gss_reg import PRODUCING, NeuronGroup
+from compressor.methods.gss.reg import PRODUCING, NeuronGroup
 from compressor.surgery import ChannelGroup
 
 WEIGHT_KINDS = (*PRODUCING, "consumer")

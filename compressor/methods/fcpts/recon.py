@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from compressor import distributed
 from compressor.errors import InputError
-from compressor.masks import apply_masks_, floor_counts, strip_, weight_of
+from compressor.examples import calibration_inputs
+from compressor.masks import apply_masks_, strip_
 from compressor.methods.base import Method, MethodConfig, Result, clone_model, register_method
-from compressor.methods.magnitude import erk_densities, exact_counts, masks_from_counts
+from compressor.methods.magnitude import erk_counts, masks_from_counts
 from compressor.outputs import distill_loss, flat_tensors
 from compressor.train import progress, recalibrate_batchnorm_, sgd_cosine
 
@@ -51,14 +52,6 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     for param in teacher.parameters():
         param.requires_grad_(False)
     return teacher
-
-
-def calibration_inputs(data: Data, config: ReconstructionConfig) -> torch.Tensor:
-    """The calibration images (labels, if any, are ignored)."""
-    if data is None:
-        raise InputError("reconstruction needs calibration inputs; pass --data SPEC")
-    loader = data.calibration(config.calib_samples, config.batch_size)
-    return torch.cat([x for x, _ in loader])
 
 
 @torch.no_grad()
@@ -102,7 +95,7 @@ def reconstruct_(
     `config.warmup_epochs` passes. Returns the per-step loss history.
     """
     device = next(model.parameters()).device
-    inputs = calibration_inputs(data, config).to(device)
+    inputs = calibration_inputs(data, config.calib_samples, config.batch_size).to(device)
     targets = teacher_outputs(teacher, inputs, config.batch_size)
     seed = int(torch.randint(2**31 - 1, ()))  # drawn from the seeded global RNG: reproducible
     generator = torch.Generator().manual_seed(seed)
@@ -201,21 +194,6 @@ class ReconstructionMethod(Method):
 
     def loss_report(self) -> dict:
         return {"loss": loss_summary(self.history)} if self.history is not None else {}
-
-
-def erk_counts(
-    layers: dict[str, nn.Module], sparsity: float, keep: float, floors=None
-) -> dict[str, int]:
-    """Per-layer keep counts of the ERK allocation, summing exactly to the global target.
-
-    Args:
-        floors: a callable giving per-layer minimum counts for a total (Method.floors).
-    """
-    sizes = {f: weight_of(m).numel() for f, m in layers.items()}
-    densities = erk_densities(layers, sparsity)
-    counts = exact_counts(densities, sizes, round(keep * sum(sizes.values())))
-    minimum = floors(sum(counts.values())) if floors is not None else None
-    return counts if minimum is None else floor_counts(counts, minimum)
 
 
 def erk_masks(method: Method) -> dict[str, torch.Tensor]:

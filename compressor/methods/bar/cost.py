@@ -22,7 +22,7 @@ from torch import nn
 
 from compressor.errors import TargetNotReachedError
 from compressor.masks import PRUNABLE_TYPES
-from compressor.methods.bar_gates import GateUnit
+from compressor.methods.bar.gates import GateUnit
 from compressor.stats import measure
 from compressor.surgery.graph import PRODUCING, analyse
 from compressor.surgery.plan import make_plan

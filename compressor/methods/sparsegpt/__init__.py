@@ -1,7 +1,7 @@
 """SparseGPT: one-shot second-order post-training sparsity (Frantar & Alistarh, ICML 2023).
 
 Every prunable layer is pruned by an approximate OBS reconstruction on unlabelled
-calibration inputs (see `sparsegpt_solve` for the math): with `H = X X^T` of the
+calibration inputs (see `sparsegpt.solve` for the math): with `H = X X^T` of the
 layer's inputs, the weights of lowest `w^2 / [U]_jj^2` in each block of 128 columns are
 zeroed and their error is compensated on the columns not yet visited. Layers are pruned
 one after another in the order the forward pass calls them, each on the inputs the
@@ -46,11 +46,11 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError, InputError
+from compressor.examples import calibration_inputs
 from compressor.masks import weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
-from compressor.methods.fcpts_recon import calibration_inputs, erk_counts
-from compressor.methods.magnitude import exact_counts
-from compressor.methods.sparsegpt_solve import (
+from compressor.methods.magnitude import erk_counts, exact_counts
+from compressor.methods.sparsegpt.solve import (
     block_zero_counts,
     grouped_weight,
     hinv_upper,
@@ -191,7 +191,9 @@ class SparseGpt(Method):
     def run(self, data: Data | None) -> Result:
         """Calibrates, prunes every layer, re-estimates BatchNorm."""
         device = next(self.model.parameters()).device
-        self.prune_(calibration_inputs(data, self.config).to(device))
+        self.prune_(
+            calibration_inputs(data, self.config.calib_samples, self.config.batch_size).to(device)
+        )
         result = self.finalize()
         loader = data.calibration(self.config.calib_samples, self.config.batch_size)
         recalibrate_batchnorm_(result.model, loader)

@@ -5,7 +5,7 @@ masks `1[|W_l| >= t_l]`. Starting from the ERK allocation, the weights are train
 reconstruct the dense model's outputs through the masked forward (masked weights get no
 reconstruction gradient: the mask is a detached multiply), while the thresholds move
 through the control loss `lambda_c * |sum_l r_l N_l / N - r0|`, differentiated by the
-bridge `dr_l/dt_l = p_l(t_l) + p_l(-t_l)` (see `fcpts_bridge`).
+bridge `dr_l/dt_l = p_l(t_l) + p_l(-t_l)` (see `fcpts.bridge`).
 
 The official code never enforces r0 exactly; this implementation ends with an exact step:
 all thresholds are scaled by one common factor `f` (`t_l' = t_l * f`, an offset in units of
@@ -26,15 +26,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compressor.errors import CompressorError, InputError
+from compressor.examples import calibration_inputs
 from compressor.masks import bake_masks_, global_topk, weight_of
 from compressor.methods.base import Result, register_method
-from compressor.methods.fcpts_bridge import DENSITIES, layer_sparsity
-from compressor.methods.fcpts_recon import (
-    ReconstructionConfig,
-    ReconstructionMethod,
-    calibration_inputs,
-    erk_counts,
-)
+from compressor.methods.fcpts.bridge import DENSITIES, layer_sparsity
+from compressor.methods.fcpts.recon import ReconstructionConfig, ReconstructionMethod
+from compressor.methods.magnitude import erk_counts
 from compressor.methods.sparsegpt import SparseGpt
 
 if TYPE_CHECKING:
@@ -218,7 +215,9 @@ class Fcpts(ReconstructionMethod):
         """The whole schedule; with `reconstruct="obs"` the calibration inputs are kept for
         the final layer solve."""
         if self.config.reconstruct == "obs":
-            self.obs_inputs = calibration_inputs(data, self.config)
+            self.obs_inputs = calibration_inputs(
+                data, self.config.calib_samples, self.config.batch_size
+            )
         return super().run(data)
 
     def finalize(self) -> Result:

@@ -1,6 +1,6 @@
 """ProbMask's math (METHODS.md §2): the schedules, the relaxed mask and the projection.
 
-Pure tensor functions, kept apart from the method's lifecycle in probmask.py.
+Pure tensor functions, kept apart from the method's lifecycle in probmask/__init__.py.
 """
 
 from __future__ import annotations

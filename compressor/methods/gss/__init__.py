@@ -5,7 +5,7 @@ follow the official code (KeBian229/GSS, mnist/MLP: element.py, structure.py, pr
 
 Train with `loss + lambda * R(W)`, where R is a Deep GSS regulariser on neurons / channels
 whose incoming weights (producer rows) and outgoing weights (consumer columns) come from the
-dataflow graph (`compressor.surgery.channel_groups`), then prune (`gss_prune`: the official
+dataflow graph (`compressor.surgery.channel_groups`), then prune (`gss.prune`: the official
 |w| < ratio * std(W_l) rule, or a ranked cut that meets the budget exactly), fine-tune with the
 masks fixed and strip them. The element-wise variant returns a sparse-weight network; the
 structured variant removes whole channels to a FLOP budget and physically slims the network
@@ -19,7 +19,7 @@ structured variant removes whole channels to a FLOP budget and physically slims 
                a updated in closed form after every optimiser step (`step()`)
 
 Baselines are GSS configurations of the same method (`--set regulariser=...`, the
-supplement's Table 1; see `gss_reg`): lasso, l2, exclusive-lasso (each neuron's incoming
+supplement's Table 1; see `gss.reg`): lasso, l2, exclusive-lasso (each neuron's incoming
 weights as a group), group-lasso (each neuron's incoming and outgoing weights as a group).
 """
 
@@ -36,7 +36,6 @@ from compressor.errors import CompressorError, CompressorWarning, InputError
 from compressor.examples import example_inputs_of
 from compressor.finetune import finetune_, step_lambda
 from compressor.masks import apply_masks_, prunable_layers, strip_, weight_of
-from compressor.methods import gss_prune, gss_reg
 from compressor.methods.base import (
     TARGET_TOLERANCE,
     Method,
@@ -44,6 +43,8 @@ from compressor.methods.base import (
     Result,
     register_method,
 )
+from compressor.methods.gss import prune as gss_prune
+from compressor.methods.gss import reg as gss_reg
 from compressor.stats import measure
 from compressor.surgery import channel_groups, slim_
 from compressor.surgery.select import input_feature_layers, select_inputs_, with_input_features

@@ -50,6 +50,21 @@ def exact_counts(
     return counts
 
 
+def erk_counts(
+    layers: dict[str, nn.Module], sparsity: float, keep: float, floors=None
+) -> dict[str, int]:
+    """Per-layer keep counts of the ERK allocation, summing exactly to the global target.
+
+    Args:
+        floors: a callable giving per-layer minimum counts for a total (Method.floors).
+    """
+    sizes = {f: weight_of(m).numel() for f, m in layers.items()}
+    densities = erk_densities(layers, sparsity)
+    counts = exact_counts(densities, sizes, round(keep * sum(sizes.values())))
+    minimum = floors(sum(counts.values())) if floors is not None else None
+    return counts if minimum is None else floor_counts(counts, minimum)
+
+
 def masks_from_counts(
     layers: dict[str, nn.Module], counts: dict[str, int], floors: dict[str, int] | None = None
 ) -> dict[str, torch.Tensor]:

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 from compressor.errors import InputError
 from compressor.examples import example_inputs_of
 from compressor.finetune import finetune_, step_lambda
-from compressor.methods.bar_cost import Adjustment, CostModel
-from compressor.methods.bar_gates import GateUnit
+from compressor.methods.bar.cost import Adjustment, CostModel
+from compressor.methods.bar.gates import GateUnit
 from compressor.stats import measure
 from compressor.surgery import SlimResult, slim_
 from compressor.surgery.streams import stream_name, unmixable_streams

@@ -33,15 +33,15 @@ import torch
 
 from compressor import distributed
 from compressor.errors import InputError
-from compressor.methods.bar_cost import CostModel, at_least_one_, keep_dict, meet_budget
-from compressor.methods.bar_gates import (
+from compressor.methods.bar.cost import CostModel, at_least_one_, keep_dict, meet_budget
+from compressor.methods.bar.gates import (
     Gates,
     barrier_multiplier,
     build_units,
     init_log_alpha_,
     transition,
 )
-from compressor.methods.bar_slim import (
+from compressor.methods.bar.slim import (
     check_residual,
     example_of,
     excluder,

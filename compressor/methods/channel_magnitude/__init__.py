@@ -20,9 +20,9 @@ import torch
 
 from compressor.errors import InputError
 from compressor.methods.bar import BarConfig
-from compressor.methods.bar_cost import CostModel, at_least_one_, keep_dict, meet_budget
-from compressor.methods.bar_gates import GateUnit, build_units
-from compressor.methods.bar_slim import (
+from compressor.methods.bar.cost import CostModel, at_least_one_, keep_dict, meet_budget
+from compressor.methods.bar.gates import GateUnit, build_units
+from compressor.methods.bar.slim import (
     check_residual,
     example_of,
     excluder,
