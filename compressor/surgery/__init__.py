@@ -6,10 +6,13 @@
     result = slim_(model, keep, x)               # residual="tied" | "mixed"
     result.model(x)  # == the masked model's output (removed channels zeroed at producers)
 
-Modules: `trace` (fx / torch.export graph + recorded values), `graph` (groups, members),
-`walker` + `ops` + `shape_ops` (per-op channel rules), `plan` (keep masks -> kept positions,
-masked-model constants), `remove` (per-layer-type slicing), `mixed` (ResidualJoin),
-`rewrite` (code changes: joins, literal sizes), `slim` (slim_ / mask_).
+Modules, in layers (each imports only the ones before it; tests/test_architecture.py checks):
+`layers` / `mixed` / `remove` (the modules surgery inserts, per-layer-type slicing), `trace`
+(fx / torch.export graph + recorded values), `groups` (members, groups, union-find: the data
+model), `walker` + `shape_ops` + `ops` (per-op channel rules), `graph` (the walk: analyse,
+channel_groups), `plan` (keep masks -> kept positions, masked-model constants), `rewrite`
+(code changes: joins, literal sizes), `slim` (slim_ / mask_), then `pins`, `streams`,
+`select`.
 Methods decide what to keep; this package alone changes tensor shapes (DESIGN.md).
 """
 

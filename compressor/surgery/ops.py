@@ -18,8 +18,8 @@ from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from compressor.surgery import shape_ops as shp
-from compressor.surgery.graph import Use
-from compressor.surgery.select import SelectedLinear
+from compressor.surgery.groups import Use
+from compressor.surgery.layers import SelectedLinear
 from compressor.surgery.walker import Rule, Walker, ar, arg, first_tensor, op_name
 
 
@@ -229,6 +229,13 @@ def elementwise(walker: Walker, node: fx.Node) -> None:
         walker.uf.pin(ids, f"combined with an untracked tensor: {walker.label(node)}")
 
 
+def max_min(walker: Walker, node: fx.Node) -> None:
+    """max / min: element-wise between two tensors, else a reduction (`shape_ops`)."""
+    if isinstance(walker.value(arg(node, 1, "other")), torch.Tensor):
+        return elementwise(walker, node)
+    return shp.reduction(walker, node)
+
+
 def cat(walker: Walker, node: fx.Node) -> None:
     items = list(arg(node, 0, "tensors", []))
     out = walker.values[node]
@@ -372,7 +379,8 @@ _NAMED_RULES: list[tuple[str, Rule]] = [
     (_MIXING, mixing),
     ("view reshape flatten unflatten squeeze unsqueeze view_as reshape_as", shp.reshape),
     ("expand expand_as broadcast_to", shp.expand),
-    ("mean sum nansum nanmean amax amin max min std var prod logsumexp norm", shp.reduction),
+    ("mean sum nansum nanmean amax amin std var prod logsumexp norm", shp.reduction),
+    ("max min", max_min),
     ("argmax argmin all any", shp.reduction),
     ("split split_with_sizes unsafe_split chunk tensor_split unbind", shp.split),
     ("softmax log_softmax softmin", shp.softmax),

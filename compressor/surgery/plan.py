@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from compressor.errors import InputError
-from compressor.surgery.graph import PRODUCING, Analysis, ChannelGroup, Key, Member
+from compressor.surgery.groups import PRODUCING, Analysis, ChannelGroup, Key, Member
 from compressor.surgery.trace import run_graph
 
 RESIDUAL_MODES = ("tied", "mixed")

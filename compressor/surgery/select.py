@@ -17,30 +17,23 @@ A `SelectedLinear` is an `nn.Linear` (statistics, masks and exports treat it as 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compressor.errors import CompressorError, InputError
 from compressor.masks import has_machinery
-from compressor.surgery.graph import INPUT_REASON, ChannelGroup, Member
+from compressor.surgery.groups import INPUT_REASON, ChannelGroup, Member
+from compressor.surgery.layers import SelectedLinear
 from compressor.surgery.slim import check_same
 from compressor.surgery.trace import as_tuple, eval_mode
 
 FEATURES_REASON = f"{INPUT_REASON} features of "  # + the Linear's path
-
-
-class SelectedLinear(nn.Linear):
-    """y = x[..., index] @ W.T + b: a Linear reading only the input features `index`."""
-
-    def __init__(self, index: torch.Tensor, out_features: int, bias: bool = True, **kwargs):
-        super().__init__(len(index), out_features, bias=bias, **kwargs)
-        self.register_buffer("index", index.clone().long())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.index_select(-1, self.index), self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, reads {self.in_features} selected input features"
+__all__ = [
+    "FEATURES_REASON",
+    "SelectedLinear",
+    "input_feature_layers",
+    "select_inputs_",
+    "with_input_features",
+]
 
 
 def with_input_features(model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:

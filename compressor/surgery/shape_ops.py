@@ -14,7 +14,7 @@ import math
 import torch
 from torch import fx
 
-from compressor.surgery.graph import Patch
+from compressor.surgery.groups import Patch
 from compressor.surgery.walker import Walker, ar, arg, first_tensor, op_name
 
 
@@ -234,17 +234,14 @@ def split(walker: Walker, node: fx.Node) -> None:
 
 
 def reduction(walker: Walker, node: fx.Node) -> None:
-    """mean / sum / amax / max(dim) / std / ...: pass channels unless reduced over them."""
+    """mean / sum / amax / max(dim) / std / ...: pass channels unless reduced over them.
+
+    `ops.max_min` sends max / min of two tensors (element-wise) elsewhere first.
+    """
     x = node.args[0]
     track = walker.track(x)
     if track is None:
         return
-    if op_name(node) in ("max", "min") and isinstance(
-        walker.value(arg(node, 1, "other")), torch.Tensor
-    ):
-        from compressor.surgery.ops import elementwise
-
-        return elementwise(walker, node)
     rank = walker.values[x].dim()
     dims = arg(node, 2 if op_name(node) == "norm" else 1, "dim")
     if dims is None or isinstance(dims, bool):

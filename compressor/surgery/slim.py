@@ -21,6 +21,7 @@ from compressor.errors import CompressorError
 from compressor.masks import has_machinery
 from compressor.surgery import remove
 from compressor.surgery.graph import PRODUCING, analyse
+from compressor.surgery.mixed import ResidualJoin
 from compressor.surgery.plan import NotExactError, Plan, constants, make_plan, masked_values
 from compressor.surgery.rewrite import apply_rewrites, plan_rewrites
 from compressor.surgery.trace import as_tuple, eval_mode, output_values
@@ -240,8 +241,6 @@ def _report(plan: Plan, folds: dict) -> dict:
 
 
 def _count_joins(model: nn.Module) -> int:
-    from compressor.surgery.mixed import ResidualJoin
-
     return sum(isinstance(m, ResidualJoin) for m in model.modules())
 
 

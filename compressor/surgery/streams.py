@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError, InputError
-from compressor.surgery.graph import ChannelGroup
+from compressor.surgery.groups import ChannelGroup
 from compressor.surgery.plan import NotExactError
 from compressor.surgery.slim import mask_, slim_
 

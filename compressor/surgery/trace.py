@@ -23,6 +23,7 @@ from torch import fx, nn
 from compressor.errors import CompressorError, first_line
 from compressor.io import export_program
 from compressor.lift import lift
+from compressor.surgery.layers import SelectedLinear
 
 NodeHook = Callable[[fx.Node, Any, dict], Any]  # (node, output, values so far) -> output
 
@@ -74,8 +75,6 @@ class _Tracer(fx.Tracer):
     """torch.fx's tracer, with the toolkit's own layers (SelectedLinear) kept as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from compressor.surgery.select import SelectedLinear
-
         return isinstance(m, SelectedLinear) or super().is_leaf_module(m, module_qualified_name)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
-from compressor.surgery.graph import (
+from compressor.surgery.groups import (
     INPUT_REASON,
     Analysis,
     Flow,
