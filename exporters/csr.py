@@ -22,7 +22,7 @@ from compressor.errors import CompressorError, InputError
 from compressor.io import atomic_write
 from compressor.masks import has_machinery, prunable_layers
 from exporters import csr_format as fmt
-from exporters._common import eval_mode, flat_outputs
+from exporters.csr_compare import bit_equal, max_error, output_diff
 
 LAYER_CHOICES = ("auto", "all")
 TORCH_DTYPES = {
@@ -64,14 +64,14 @@ class CsrVerification:
         exact_weights: every rebuilt tensor equals the model's bit for bit, up to the sign
             of zero (a pruned -0.0 is not stored and comes back as +0.0).
         max_weight_error: largest |rebuilt - original| over all weights.
-        max_output_diff: largest |output with rebuilt weights - original output|, when
+        maxoutput_diff: largest |output with rebuilt weights - original output|, when
             example inputs were given.
     """
 
     lossless: bool
     exact_weights: bool
     max_weight_error: float
-    max_output_diff: float | None = None
+    maxoutput_diff: float | None = None
 
 
 @dataclass
@@ -207,7 +207,7 @@ def _verify(pack_path, model: nn.Module, example_inputs, max_elements=None) -> C
     state = model.state_dict()
     _check_names(rebuilt, state)
     lossless = all(e["values"] == "F32" and e["dtype"] != "F64" for e in entries.values())
-    errors = {name: _max_error(state[name], tensor) for name, tensor in rebuilt.items()}
+    errors = {name: max_error(state[name], tensor) for name, tensor in rebuilt.items()}
     exact = all(bit_equal(state[name], tensor) for name, tensor in rebuilt.items())
     if lossless and not exact:
         worst = max(errors, key=errors.get)
@@ -216,11 +216,11 @@ def _verify(pack_path, model: nn.Module, example_inputs, max_elements=None) -> C
         )
     result = CsrVerification(lossless, exact, max(errors.values(), default=0.0))
     if example_inputs is not None:
-        result.max_output_diff = _output_diff(model, rebuilt, tuple(example_inputs))
-        if lossless and result.max_output_diff != 0.0:
+        result.maxoutput_diff = output_diff(model, rebuilt, tuple(example_inputs))
+        if lossless and result.maxoutput_diff != 0.0:
             raise CompressorError(
                 "the model run from the pack's weights differs from the original: max abs "
-                f"difference {result.max_output_diff:.3g}"
+                f"difference {result.maxoutput_diff:.3g}"
             )
     return result
 
@@ -359,36 +359,3 @@ def _check_names(rebuilt: dict, state: dict) -> None:
                 f"{name}: the pack holds {tuple(tensor.shape)} {tensor.dtype}, the model "
                 f"{tuple(state[name].shape)} {state[name].dtype}"
             )
-
-
-def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bits, up to the sign of zero (-0.0 == +0.0; NaN == same NaN)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    a, b = (t.masked_fill(t == 0, 0).contiguous().view(width) for t in (a, b))
-    return torch.equal(a, b)
-
-
-def _max_error(original: torch.Tensor, rebuilt: torch.Tensor) -> float:
-    if not original.is_floating_point():
-        return 0.0 if torch.equal(original, rebuilt) else float("inf")
-    if original.numel() == 0:
-        return 0.0
-    return float((original.double() - rebuilt.double()).abs().max())
-
-
-def _output_diff(model: nn.Module, rebuilt: dict, example: tuple) -> float:
-    """Max |outputs with the rebuilt tensors - outputs with the model's own| on `example`."""
-    # functional_call swaps the tensors in for one call: no copy of the model (deep-copying
-    # a lifted .pt2 graph is slow and warns), and the model is left as it was.
-    with eval_mode(model), torch.no_grad():
-        expected = flat_outputs(model, example)
-        out = torch.func.functional_call(model, rebuilt, example, strict=True)
-    got = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    return max(
-        (float((e.double() - g.double()).abs().max()) for e, g in zip(expected, got) if e.numel()),
-        default=0.0,
-    )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from exporters import csr_nm
 from exporters.csr_header import (  # noqa: F401 (re-exported: one module for callers)
     DTYPES,
     MAX_HEADER,
@@ -150,6 +151,8 @@ def decode(name: str, entry: dict, parsed: Parsed) -> np.ndarray:
         ValueError: parts missing or of the wrong dtype/shape, row_ptr not monotone, column
             indices out of range or unsorted, non-zero padding, bad int8 scales.
     """
+    if entry["encoding"] == csr_nm.ENCODING:
+        return csr_nm.decode(name, entry, parsed)
     rows, cols = entry["view"]
     height, width = entry["block"]
     brows, bcols = -(-rows // height), -(-cols // width)
@@ -324,8 +327,10 @@ def _check_crc(parsed: Parsed, data: bytes, version: str) -> None:
 
 
 def _check_entry(name: str, entry, version: str) -> None:
-    if not isinstance(entry, dict) or set(entry) != ENTRY_KEYS:
-        raise ValueError(f"{name}: metadata entry must have exactly {sorted(ENTRY_KEYS)}")
+    nm_entry = isinstance(entry, dict) and entry.get("encoding") == csr_nm.ENCODING
+    keys = ENTRY_KEYS | {"nm"} if nm_entry else ENTRY_KEYS
+    if not isinstance(entry, dict) or set(entry) != keys:
+        raise ValueError(f"{name}: metadata entry must have exactly {sorted(keys)}")
     shape, block = entry["shape"], entry["block"]
     if not ints(shape) or len(shape) < 2 or any(d < 0 for d in shape):
         raise ValueError(f"{name}: shape {shape!r} is not a list of >= 2 sizes")
@@ -337,7 +342,9 @@ def _check_entry(name: str, entry, version: str) -> None:
         raise ValueError(
             f"{name}: block {block[0]}x{block[1]} has more than {MAX_BLOCK_ELEMENTS} elements"
         )
-    if entry["encoding"] != ("csr" if block == [1, 1] else "bcsr"):
+    if nm_entry:
+        csr_nm.check_entry(name, entry, version)
+    elif entry["encoding"] != ("csr" if block == [1, 1] else "bcsr"):
         raise ValueError(f"{name}: encoding {entry['encoding']!r} does not fit block {block}")
     if entry["dtype"] not in FLOAT_DTYPES or entry["values"] not in VALUE_DTYPES.values():
         raise ValueError(f"{name}: bad dtype {entry['dtype']!r} or values {entry['values']!r}")
@@ -353,5 +360,6 @@ def _claimed_parts(entries: dict[str, dict], parsed: Parsed) -> set[str]:
         scales = f"{name}.scales"
         if entry["values"] != "I8" and scales in parsed.arrays:
             raise ValueError(f"{scales}: a scales tensor for {entry['values']} values")
-        claimed |= {f"{name}.{part}" for part in PARTS}
+        own = csr_nm.PARTS if entry["encoding"] == csr_nm.ENCODING else PARTS
+        claimed |= {f"{name}.{suffix}" for suffix in own}
     return claimed
