@@ -68,9 +68,7 @@ def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def plan_layouts(
-    model: nn.Module, report: dict | None, block: tuple[int, int] | None
-) -> Plan:
+def plan_layouts(model: nn.Module, report: dict | None, block: tuple[int, int] | None) -> Plan:
     """The layout of each weight: `block` for all when given, else the model's pattern's."""
     pattern, layers = model_pattern(model, report)
     text = pattern.text if pattern else None
@@ -85,7 +83,9 @@ def plan_layouts(
     for layer in layers:
         name = f"{layer}.weight"
         if name not in weights:
-            plan.warnings.append(f"{layer}, a {text} layer in the report, has no Conv/Linear weight")
+            plan.warnings.append(
+                f"{layer}, a {text} layer in the report, has no Conv/Linear weight"
+            )
         elif pattern.kind == "block":
             continue  # the pack's block already
         elif eligible(weights[name].shape, pattern) and holds(weights[name], pattern):
