@@ -27,9 +27,9 @@ import math
 import torch
 from torch import nn
 
+from compressor.pattern_layers import model_pattern, prunable_weights
 from compressor.patterns import Pattern, group_sums, holds
 from exporters.csr_format import index_dtype
-from exporters.csr_pattern import model_pattern, prunable_weights
 
 VALUE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 INDEX_BYTES = {"U8": 1, "U16": 2, "I32": 4}

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor.masks import prunable_layers
-from compressor.patterns import Pattern, eligible, group_sums, holds, parse_pattern
+from compressor.pattern_layers import model_pattern, prunable_weights
+from compressor.patterns import Pattern, eligible, group_sums, holds
 
 Layout = tuple[int, int] | Pattern  # a block shape (R, C), or an N:M Pattern
 
@@ -37,35 +37,6 @@ class Plan:
     layouts: dict[str, Layout] = field(default_factory=dict)
     pattern: str | None = None
     warnings: list[str] = field(default_factory=list)
-
-
-def model_pattern(model: nn.Module, report: dict | None) -> tuple[Pattern | None, list[str]]:
-    """The model's pattern and the layer names pruned to it, from its report.
-
-    A report naming a pattern but no `pattern_layers` means every layer that follows it.
-
-    Raises:
-        InputError: the report's pattern is not one `parse_pattern` reads.
-    """
-    text = (report or {}).get("pattern")
-    if not text:
-        return None, []
-    pattern = parse_pattern(text)
-    layers = (report or {}).get("pattern_layers")
-    if layers is None:
-        weights = prunable_weights(model)
-        layers = [n[: -len(".weight")] for n, w in weights.items() if holds(w, pattern)]
-    return pattern, [str(name) for name in layers]
-
-
-def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`NAME.weight` -> weight of every Conv/Linear layer with a float weight of rank >= 2."""
-    out = {}
-    for fqn, module in prunable_layers(model).items():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() >= 2:
-            out[f"{fqn}.weight" if fqn else "weight"] = weight.detach().cpu()
-    return out
 
 
 def plan_layouts(model: nn.Module, report: dict | None, block: tuple[int, int] | None) -> Plan:

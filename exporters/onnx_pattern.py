@@ -27,8 +27,8 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from compressor.pattern_layers import model_pattern, prunable_weights
 from compressor.patterns import Pattern, holds
-from exporters.csr_pattern import model_pattern, prunable_weights
 
 PATTERN_KEY = "compressor.pattern"
 LAYERS_KEY = "compressor.pattern_layers"

@@ -14,10 +14,11 @@ from torch import nn
 from bench.pattern_floor import build, mask_to_pattern_
 from cli.main import cli
 from compressor.io import save_model
+from compressor.pattern_layers import prunable_weights
 from exporters import csr, csr_nm
 from exporters import csr_format as fmt
 from exporters.csr_floor import floor_report, pack_floor
-from exporters.csr_pattern import padding_ratio, prunable_weights
+from exporters.csr_pattern import padding_ratio
 
 PATTERNS = [("2:4", 0.5), ("4:8", 0.5), ("1x4", 0.8), ("4x1", 0.9)]
 
