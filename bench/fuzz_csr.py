@@ -49,7 +49,7 @@ OUTCOMES = ("ValueError", "other exception", "loaded, equal", "loaded, different
 
 
 def make_packs(folder: Path) -> dict[str, bytes]:
-    """The four packs' bytes, from one pruned LeNet-5."""
+    """The five packs' bytes: four of one pruned LeNet-5, one of a 2:4-masked LeNet-5."""
     torch.manual_seed(0)
     model = zoo.build("lenet5", in_channels=1, num_classes=10, input_size=8)
     model = prune(model.eval(), "magnitude-global", 0.9).model
@@ -326,8 +326,8 @@ def report(result: dict) -> str:
     sizes = ", ".join(f"{k} {v} B" for k, v in result["pack_bytes"].items())
     return (
         "## CSR reader fuzzing (bench/fuzz_csr.py)\n\n"
-        f"`{COMMAND}`: {result['mutations']} seeded mutations of four packs of a 90 %-sparse "
-        f"LeNet-5 ({sizes}), each read with `exporters.csr.load`, in {result['seconds']} s. "
+        f"`{COMMAND}`: {result['mutations']} seeded mutations of five packs, four of a 90 "
+        f"%-sparse LeNet-5 and one of a 2:4 LeNet-5 in the N:M layout ({sizes}), each read with `exporters.csr.load`, in {result['seconds']} s. "
         "*(resealed)*: the checksum recomputed after the edit, as a writer would, so the "
         "structural checks must catch it; *(crc kept)*: the original checksum left.\n\n"
         + markdown_table(rows, ["mutation", *OUTCOMES])
