@@ -2,7 +2,7 @@
 
 Four packs of a 90 %-sparse LeNet-5 (8x8 inputs, random weights: values do not matter)
 are written with `export_csr` (fp32, fp16, int8 and fp32 in 1x4 blocks, every layer CSR,
-a report in the metadata). Each mutation below is applied, the bytes are written to a
+a report in the metadata), and a fifth of a 2:4-masked one in the N:M layout (int8). Each mutation below is applied, the bytes are written to a
 file and read with `exporters.csr.load`, and the outcome is one of
 
 - ValueError: the reader refused the file (what it must do for a corrupt one);
@@ -13,7 +13,7 @@ file and read with `exporters.csr.load`, and the outcome is one of
 Mutations: random byte flips anywhere; flips inside the header only; truncations; edits
 of the 8-byte length field; JSON edits (duplicate keys, huge shapes, wrong dtypes,
 negative numbers) and index overflows (column index past the view, row_ptr beyond its
-blocks), each half with the checksum recomputed as a writer would (so the structural
+blocks, an N:M group's offsets not increasing or a padding bit set), each half with the checksum recomputed as a writer would (so the structural
 checks are what must catch it) and half without.
 
 Run: .venv/bin/python -m bench.fuzz_csr [--mutations 1200] [--seed 0] [--no-write]
@@ -35,27 +35,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.pattern_floor import build, mask_to_pattern_
 from compressor import zoo
 from compressor.methods import prune
-from exporters import csr
+from exporters import csr, csr_nm
 from exporters import csr_format as fmt
 
 COMMAND = ".venv/bin/python -m bench.fuzz_csr --mutations 1200 --seed 0"
 PACKS = {"fp32": ("fp32", (1, 1)), "fp16": ("fp16", (1, 1)), "int8": ("int8", (1, 1))}
 PACKS["fp32 1x4"] = ("fp32", (1, 4))
+PACKS["int8 2:4"] = ("int8", None)  # the N:M layout: a 2:4-masked model, no block
 OUTCOMES = ("ValueError", "other exception", "loaded, equal", "loaded, different")
 
 
 def make_packs(folder: Path) -> dict[str, bytes]:
-    """The four packs' bytes, from one pruned LeNet-5."""
+    """The five packs' bytes: four of one pruned LeNet-5, one of a 2:4-masked LeNet-5."""
     torch.manual_seed(0)
     model = zoo.build("lenet5", in_channels=1, num_classes=10, input_size=8)
     model = prune(model.eval(), "magnitude-global", 0.9).model
+    nm_model = build("lenet5")
+    nm_report = mask_to_pattern_(nm_model, "2:4", 0.5)
     out = {}
     for key, (values, block) in PACKS.items():
         path = folder / f"{key.replace(' ', '-')}.csr"
         report = {"method": "magnitude-global", "sparsity": 0.9, "values": values}
-        csr.export_csr(model, path, values=values, block=block, layers="all", report=report)
+        packed, report = (model, report) if block else (nm_model, nm_report)
+        csr.export_csr(packed, path, values=values, block=block, layers="all", report=report)
         out[key] = path.read_bytes()
     return out
 
@@ -141,7 +146,10 @@ def wrong_dtype(rng, data: bytes, seal: bool) -> bytes:
         entries[name][field] = value
         header["__metadata__"]["tensors"] = json.dumps(entries)
     else:
-        name = str(rng.choice([f"{n}.{p}" for n in entries for p in ("values", "col_indices")]))
+        parts = [
+            (n, "indices" if e["encoding"] == "nm" else "col_indices") for n, e in entries.items()
+        ]
+        name = str(rng.choice([f"{n}.{p}" for n, index in parts for p in ("values", index)]))
         header[name]["dtype"] = [*bad, "F64"][int(rng.integers(len(bad) + 1))]
     return _join(header, body, seal)
 
@@ -166,6 +174,8 @@ def index_overflow(rng, data: bytes, seal: bool) -> bytes:
     header, body = _split(data)
     entries = json.loads(header["__metadata__"]["tensors"])
     name = str(rng.choice(sorted(entries)))
+    if entries[name]["encoding"] == "nm":
+        return _nm_offsets(rng, header, body, name, entries[name], seal)
     part = f"{name}.{rng.choice(['col_indices', 'row_ptr'])}"
     begin, end = header[part]["data_offsets"]
     array = np.frombuffer(body[begin:end], fmt.DTYPES[header[part]["dtype"]]).copy()
@@ -177,6 +187,23 @@ def index_overflow(rng, data: bytes, seal: bool) -> bytes:
     choices = [c for c in choices if c != int(array[at])]  # always a change
     array[at] = choices[int(rng.integers(len(choices)))]
     return _join(header, body[:begin] + array.tobytes() + body[end:], seal)
+
+
+def _nm_offsets(rng, header, body: bytes, name: str, entry: dict, seal: bool) -> bytes:
+    """An N:M weight's offsets made invalid: two equal in a group, or a set padding bit."""
+    (rows, cols), (n, m) = entry["view"], entry["nm"]
+    begin, end = header[f"{name}.indices"]["data_offsets"]
+    count, bits = rows * cols // m * n, csr_nm.index_bits(m)
+    offsets = csr_nm.unpack_bits(np.frombuffer(body[begin:end], np.uint8), count, bits)
+    offsets = offsets.reshape(-1, n)
+    if n > 1 and (count * bits % 8 == 0 or rng.integers(2)):
+        group = int(rng.integers(len(offsets)))
+        offsets[group, 1] = offsets[group, 0]  # they differed: offsets strictly increase
+        packed = csr_nm.pack_bits(offsets, bits)
+    else:
+        packed = csr_nm.pack_bits(offsets, bits)
+        packed[-1] |= 0x80  # past the last offset: count * bits is not a multiple of 8
+    return _join(header, body[:begin] + packed.tobytes() + body[end:], seal)
 
 
 RAW = {"byte flip": byte_flip, "header flip": header_flip, "truncation": truncation}
@@ -299,8 +326,8 @@ def report(result: dict) -> str:
     sizes = ", ".join(f"{k} {v} B" for k, v in result["pack_bytes"].items())
     return (
         "## CSR reader fuzzing (bench/fuzz_csr.py)\n\n"
-        f"`{COMMAND}`: {result['mutations']} seeded mutations of four packs of a 90 %-sparse "
-        f"LeNet-5 ({sizes}), each read with `exporters.csr.load`, in {result['seconds']} s. "
+        f"`{COMMAND}`: {result['mutations']} seeded mutations of five packs, four of a 90 "
+        f"%-sparse LeNet-5 and one of a 2:4 LeNet-5 in the N:M layout ({sizes}), each read with `exporters.csr.load`, in {result['seconds']} s. "
         "*(resealed)*: the checksum recomputed after the edit, as a writer would, so the "
         "structural checks must catch it; *(crc kept)*: the original checksum left.\n\n"
         + markdown_table(rows, ["mutation", *OUTCOMES])

@@ -99,7 +99,13 @@ def _block(ctx, param, value):
 @click.option(
     "--values", type=click.Choice(["fp32", "fp16", "int8"]), help="CSR value type [default: fp32]."
 )
-@click.option("--block", callback=_block, metavar="RxC", help="CSR block shape [default: 1x1].")
+@click.option(
+    "--block",
+    callback=_block,
+    metavar="RxC",
+    help="CSR block shape of every weight [default: the model's pattern: RxC blocks or the "
+    "N:M layout; 1x1 without one].",
+)
 @click.option(
     "--csr-layers",
     type=click.Choice(["auto", "all"]),
@@ -171,7 +177,7 @@ def _export_csr(loaded, output, sample, verify, opts, protect):
         output,
         sample,
         values=opts["values"] or "fp32",
-        block=opts["block"] or (1, 1),
+        block=opts["block"],
         layers=opts["csr_layers"] or "auto",
         report=loaded.report,
         verify=verify,
@@ -206,11 +212,22 @@ def _onnx_summary(result) -> str:
 
 
 def _csr_summary(result) -> str:
-    block = "x".join(map(str, result.block))
+    layout = f"block {'x'.join(map(str, result.block))}"
+    if (
+        result.pattern
+        and ":" in result.pattern
+        and any(t.encoding == "nm" for t in result.csr_tensors)
+    ):
+        layout = f"{result.pattern} layout"
     head = (
-        f"CSR pack, {len(result.csr_tensors)} weights as CSR ({result.values}, block {block}), "
+        f"CSR pack, {len(result.csr_tensors)} weights as CSR ({result.values}, {layout}), "
         f"{result.dense_tensors} tensors dense"
     )
+    notes = "".join(f"; warning: {line}" for line in result.warnings)
+    return _csr_check(result, head) + notes
+
+
+def _csr_check(result, head: str) -> str:
     check = result.verification
     if check is None:
         return f"{head}; not verified (--no-verify)"

@@ -80,8 +80,13 @@ def info(model, arch, trust_pickle, data, input_shape, as_json, latency):
     stats = measure(loaded.model, example_inputs(loaded, data_obj)[0][:1])
     timed = model_latency(loaded.model, example_inputs(loaded, data_obj), latency)
     if as_json:
+        from compressor.pattern_layers import pattern_holds
+
+        held = {"pattern_holds": pattern_holds(loaded.model, loaded.report)}
         emit_json(
-            {"format": loaded.format, "stats": stats.to_dict(), "report": loaded.report} | timed
+            {"format": loaded.format, "stats": stats.to_dict(), "report": loaded.report}
+            | held
+            | timed
         )
         return
     print_stats(stats, loaded)

@@ -19,17 +19,12 @@ def print_stats(stats, loaded) -> None:
     from rich.table import Table
 
     table = Table(title=f"{loaded.format} model, input {loaded.input_shape}")
-    for col in (
-        "layer",
-        "type",
-        "shape",
-        "params",
-        "nonzero",
-        "FLOPs (MACs)",
-        "volume",
-        "sparsity",
-        "channels",
-    ):
+    columns = ["layer", "type", "shape", "params", "nonzero", "FLOPs (MACs)", "volume"]
+    columns += ["sparsity", "channels"]
+    pattern = pattern_cells(stats, loaded)
+    if pattern:
+        columns.append(f"pattern {loaded.report['pattern']}")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("layer", "type", "shape") else "right")
     for layer in stats.layers:
         table.add_row(
@@ -42,6 +37,7 @@ def print_stats(stats, loaded) -> None:
             _si(layer.volume),
             f"{layer.sparsity:.1%}",
             f"{layer.kept_channels}/{layer.channels}",
+            *([pattern[layer.fqn]] if pattern else []),
         )
     out = console()
     out.print(table)
@@ -49,8 +45,31 @@ def print_stats(stats, loaded) -> None:
         f"total: params {stats.params:,} (nonzero {stats.nonzero:,}), FLOPs {stats.flops:,} MACs, "
         f"activation volume {stats.volume:,}, prunable sparsity {stats.sparsity:.2%}"
     )
+    if pattern:
+        _print_pattern(loaded)
     if loaded.report:
         _print_report(loaded.report)
+
+
+def pattern_cells(stats, loaded) -> dict[str, str]:
+    """{layer: "holds", "BROKEN" (pruned to the pattern, no longer follows it) or "-"}."""
+    if not (loaded.report or {}).get("pattern"):
+        return {}
+    from compressor.pattern_layers import pattern_holds
+
+    status = pattern_holds(loaded.model, loaded.report)
+    cell = {True: "holds", False: "BROKEN"}
+    return {layer.fqn: cell.get(status.get(layer.fqn), "-") for layer in stats.layers}
+
+
+def _print_pattern(loaded) -> None:
+    from compressor.pattern_layers import pattern_holds
+
+    status = pattern_holds(loaded.model, loaded.report)
+    broken = [layer for layer, ok in status.items() if not ok]
+    line = f"pattern {loaded.report['pattern']}: {len(status) - len(broken)} of {len(status)} "
+    line += "pattern layers follow it"
+    click.echo(line + (f"; broken: {', '.join(broken)}" if broken else ""))
 
 
 def _print_report(report: dict) -> None:

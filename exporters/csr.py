@@ -21,8 +21,11 @@ from torch import nn
 from compressor.errors import CompressorError, InputError
 from compressor.io import atomic_write
 from compressor.masks import has_machinery, prunable_layers
+from compressor.patterns import Pattern
 from exporters import csr_format as fmt
-from exporters._common import eval_mode, flat_outputs
+from exporters import csr_nm
+from exporters.csr_compare import bit_equal, max_error, output_diff
+from exporters.csr_pattern import plan_layouts
 
 LAYER_CHOICES = ("auto", "all")
 TORCH_DTYPES = {
@@ -86,6 +89,8 @@ class CsrPack:
     csr_tensors: list[CsrTensor] = field(default_factory=list)
     dense_tensors: int = 0
     verification: CsrVerification | None = None
+    pattern: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the CLI's --json output)."""
@@ -99,6 +104,8 @@ class CsrPack:
             "csr_tensors": [vars(t) for t in self.csr_tensors],
             "dense_tensors": self.dense_tensors,
             "verification": vars(self.verification) if self.verification else None,
+            "pattern": self.pattern,
+            "warnings": self.warnings,
         }
 
 
@@ -124,7 +131,7 @@ def export_csr(
     example_inputs: tuple | None = None,
     *,
     values: str = "fp32",
-    block: tuple[int, int] = (1, 1),
+    block: tuple[int, int] | None = None,
     layers: str = "auto",
     report: dict | None = None,
     verify: bool = True,
@@ -137,7 +144,9 @@ def export_csr(
         path: the output file; written atomically, never onto a `protect`ed path.
         example_inputs: inputs to compare the model's outputs with the pack's weights.
         values: value type of CSR tensors: "fp32", "fp16" or "int8" (per-row scales).
-        block: block shape (R, C); (1, 1) is plain CSR.
+        block: block shape (R, C) of every weight; (1, 1) is plain CSR. None: the layout
+            of the pattern `report` names (`exporters.csr_pattern`), plain CSR without one.
+            A block the model was not pruned to adds a warning to the result.
         layers: "auto" stores a Conv/Linear weight as CSR when that is smaller than dense;
             "all" stores every Conv/Linear weight as CSR.
         report: the compression report, stored as JSON in the metadata.
@@ -148,10 +157,12 @@ def export_csr(
         InputError: bad options, or a model with masks still installed.
         CompressorError: the pack does not rebuild the model (nothing is written then).
     """
-    _check_options(model, values, block, layers)
-    tensors, entries, infos = _encode_state(model, values, tuple(block), layers)
+    _check_options(model, values, (1, 1) if block is None else block, layers)
+    plan = plan_layouts(model, report, block)
+    tensors, entries, infos = _encode_state(model, values, plan.block, layers, plan.layouts)
     data = _serialize(tensors, entries, report)
-    pack = CsrPack(Path(path), len(data), 8 + _header_len(data), values, tuple(block), infos)
+    pack = CsrPack(Path(path), len(data), 8 + _header_len(data), values, plan.block, infos)
+    pack.pattern, pack.warnings = plan.pattern, plan.warnings
     pack.dense_tensors = len(model.state_dict()) - len(infos)
 
     def write(tmp: str) -> None:
@@ -207,7 +218,7 @@ def _verify(pack_path, model: nn.Module, example_inputs, max_elements=None) -> C
     state = model.state_dict()
     _check_names(rebuilt, state)
     lossless = all(e["values"] == "F32" and e["dtype"] != "F64" for e in entries.values())
-    errors = {name: _max_error(state[name], tensor) for name, tensor in rebuilt.items()}
+    errors = {name: max_error(state[name], tensor) for name, tensor in rebuilt.items()}
     exact = all(bit_equal(state[name], tensor) for name, tensor in rebuilt.items())
     if lossless and not exact:
         worst = max(errors, key=errors.get)
@@ -216,7 +227,7 @@ def _verify(pack_path, model: nn.Module, example_inputs, max_elements=None) -> C
         )
     result = CsrVerification(lossless, exact, max(errors.values(), default=0.0))
     if example_inputs is not None:
-        result.max_output_diff = _output_diff(model, rebuilt, tuple(example_inputs))
+        result.max_output_diff = output_diff(model, rebuilt, tuple(example_inputs))
         if lossless and result.max_output_diff != 0.0:
             raise CompressorError(
                 "the model run from the pack's weights differs from the original: max abs "
@@ -272,7 +283,7 @@ def _check_options(model: nn.Module, values: str, block, layers: str) -> None:
         )
 
 
-def _encode_state(model: nn.Module, values: str, block: tuple[int, int], layers: str):
+def _encode_state(model: nn.Module, values: str, block: tuple[int, int], layers: str, own=None):
     """The pack's tensors, metadata entries and CSR tensor descriptions."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     weights = {f"{fqn}.weight" for fqn in prunable_layers(model)}
@@ -280,7 +291,8 @@ def _encode_state(model: nn.Module, values: str, block: tuple[int, int], layers:
     for name, tensor in state.items():
         encoded = None
         if name in weights and tensor.is_floating_point() and tensor.dim() >= 2:
-            encoded = _encode_weight(name, tensor, values, block, layers)
+            layout = (own or {}).get(name, block)
+            encoded = _encode_weight(name, tensor, values, layout, layers)
         if encoded is None:
             tensors[name] = tensor.contiguous().clone()  # clones: shared storage is refused
             continue
@@ -292,11 +304,14 @@ def _encode_state(model: nn.Module, values: str, block: tuple[int, int], layers:
     return tensors, entries, infos
 
 
-def _encode_weight(name: str, tensor: torch.Tensor, values: str, block, layers: str):
+def _encode_weight(name: str, tensor: torch.Tensor, values: str, layout, layers: str):
     # numpy has no bfloat16; its values are exact in float32
     array = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
     try:
-        parts, entry = fmt.encode(array, values, block)
+        if isinstance(layout, Pattern):
+            parts, entry = csr_nm.encode(array, values, layout.a, layout.b)
+        else:
+            parts, entry = fmt.encode(array, values, layout)
     except ValueError as exc:
         raise CompressorError(f"{name}: {exc}; pack it with --values fp32 or int8") from None
     stored = sum(a.nbytes for a in parts.values())
@@ -359,36 +374,3 @@ def _check_names(rebuilt: dict, state: dict) -> None:
                 f"{name}: the pack holds {tuple(tensor.shape)} {tensor.dtype}, the model "
                 f"{tuple(state[name].shape)} {state[name].dtype}"
             )
-
-
-def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bits, up to the sign of zero (-0.0 == +0.0; NaN == same NaN)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    a, b = (t.masked_fill(t == 0, 0).contiguous().view(width) for t in (a, b))
-    return torch.equal(a, b)
-
-
-def _max_error(original: torch.Tensor, rebuilt: torch.Tensor) -> float:
-    if not original.is_floating_point():
-        return 0.0 if torch.equal(original, rebuilt) else float("inf")
-    if original.numel() == 0:
-        return 0.0
-    return float((original.double() - rebuilt.double()).abs().max())
-
-
-def _output_diff(model: nn.Module, rebuilt: dict, example: tuple) -> float:
-    """Max |outputs with the rebuilt tensors - outputs with the model's own| on `example`."""
-    # functional_call swaps the tensors in for one call: no copy of the model (deep-copying
-    # a lifted .pt2 graph is slow and warns), and the model is left as it was.
-    with eval_mode(model), torch.no_grad():
-        expected = flat_outputs(model, example)
-        out = torch.func.functional_call(model, rebuilt, example, strict=True)
-    got = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    return max(
-        (float((e.double() - g.double()).abs().max()) for e, g in zip(expected, got) if e.numel()),
-        default=0.0,
-    )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from exporters import csr_nm
 from exporters.csr_header import (  # noqa: F401 (re-exported: one module for callers)
     DTYPES,
     MAX_HEADER,
@@ -30,6 +31,14 @@ from exporters.csr_header import (  # noqa: F401 (re-exported: one module for ca
     parse_json,
     seal,
 )
+from exporters.csr_values import (  # noqa: F401 (re-exported)
+    FP16_MAX,
+    INT8_MAX,
+    VALUE_DTYPES,
+    finish,
+    part,
+    quantize,
+)
 
 FORMAT = "compressor.csr"
 VERSION = "2"  # what the writer emits
@@ -38,7 +47,6 @@ READ_VERSIONS = ("1", "2")
 PARTS = ("values", "col_indices", "row_ptr", "scales")
 checksum = checksum_v1  # the name version 1 had
 
-VALUE_DTYPES = {"fp32": "F32", "fp16": "F16", "int8": "I8"}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 INDEX_DTYPES = ("U8", "U16", "I32")
 ROW_PTR_DTYPES = ("I32", "I64")
@@ -47,8 +55,6 @@ INDEX_CAPACITY = {"U8": 2**8, "U16": 2**16, "I32": 2**31}
 # Version 2: a block holds at most this many elements (R*C), e.g. 16x16 or 1x256. Larger
 # blocks buy nothing on any runtime we know, and padding to them can inflate a rebuild.
 MAX_BLOCK_ELEMENTS = 256
-INT8_MAX = 127  # symmetric int8: -127..127, so -x is representable for every x
-FP16_MAX = 65504.0
 
 
 def index_dtype(count: int) -> str:
@@ -98,7 +104,7 @@ def encode(weight: np.ndarray, values: str, block: tuple[int, int]) -> tuple[dic
     # weight (w * 0), and storing those would store half the zeros (see the format doc).
     keep = _blocks(padded, block).any(axis=(2, 3))
     block_rows, block_cols = np.nonzero(keep)  # row-major: sorted by row, then column
-    stored, scales = _values(padded, rows, values)
+    stored, scales = quantize(padded, rows, values)
     data = _blocks(stored, block)[block_rows, block_cols]
     parts = {
         "values": data.reshape(-1) if block == (1, 1) else data,
@@ -132,24 +138,6 @@ def _blocks(padded: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     return padded.reshape(brows, height, bcols, width).transpose(0, 2, 1, 3)
 
 
-def _values(padded: np.ndarray, rows: int, values: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """The padded view in the stored value dtype, and the int8 per-row scales."""
-    if values == "fp32":
-        return padded.astype("<f4"), None
-    if values == "fp16":
-        finite = np.isfinite(padded)
-        if np.any(np.abs(padded[finite]) > FP16_MAX):
-            raise ValueError(f"weights beyond fp16's range (|w| > {FP16_MAX:g})")
-        return padded.astype("<f2"), None
-    if values != "int8":
-        raise ValueError(f"unknown value type {values!r}; use one of {', '.join(VALUE_DTYPES)}")
-    peak = np.abs(padded.astype(np.float32)).max(axis=1, initial=0.0)
-    scales = (peak / INT8_MAX).astype("<f4")
-    safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    quantized = np.clip(np.rint(padded.astype(np.float32) / safe[:, None]), -INT8_MAX, INT8_MAX)
-    return quantized.astype("<i1"), scales[:rows].copy()
-
-
 # --- reading --------------------------------------------------------------------------------
 
 
@@ -163,16 +151,18 @@ def decode(name: str, entry: dict, parsed: Parsed) -> np.ndarray:
         ValueError: parts missing or of the wrong dtype/shape, row_ptr not monotone, column
             indices out of range or unsorted, non-zero padding, bad int8 scales.
     """
+    if entry["encoding"] == csr_nm.ENCODING:
+        return csr_nm.decode(name, entry, parsed)
     rows, cols = entry["view"]
     height, width = entry["block"]
     brows, bcols = -(-rows // height), -(-cols // width)
-    row_ptr = _part(name, "row_ptr", parsed, ROW_PTR_DTYPES, [brows + 1]).astype(np.int64)
+    row_ptr = part(name, "row_ptr", parsed, ROW_PTR_DTYPES, [brows + 1]).astype(np.int64)
     nblocks = _check_row_ptr(name, row_ptr)
-    col_idx = _part(name, "col_indices", parsed, INDEX_DTYPES, [nblocks])
+    col_idx = part(name, "col_indices", parsed, INDEX_DTYPES, [nblocks])
     _check_index_width(name, parsed.dtypes[f"{name}.col_indices"], bcols)
     col_idx = col_idx.astype(np.int64)
     shape = [nblocks] if entry["encoding"] == "csr" else [nblocks, height, width]
-    values = _part(name, "values", parsed, (entry["values"],), shape)
+    values = part(name, "values", parsed, (entry["values"],), shape)
     block_rows = np.repeat(np.arange(brows), np.diff(row_ptr))
     _check_columns(name, col_idx, block_rows, bcols)
     padded = np.zeros((brows, bcols, height, width), dtype=values.dtype)
@@ -182,26 +172,7 @@ def decode(name: str, entry: dict, parsed: Parsed) -> np.ndarray:
         raise ValueError(
             f"{name}: non-zero values in the block padding past the view {rows}x{cols}"
         )
-    # Stored values (F32, F16, I8) are exact in float32; int8 is dequantized there too,
-    # float32(q) * scale, as a C reader would.
-    view = full[:rows, :cols].astype(np.float32)
-    if entry["values"] == "I8":
-        view = view * _scales(name, entry, parsed, rows)[:, None]
-    return view.astype(np.float64 if entry["dtype"] == "F64" else np.float32).reshape(
-        entry["shape"]
-    )
-
-
-def _part(name: str, part: str, parsed: Parsed, dtypes: tuple, shape: list) -> np.ndarray:
-    key = f"{name}.{part}"
-    if key not in parsed.arrays:
-        raise ValueError(f"{name}: the pack has no {key!r} tensor")
-    array = parsed.arrays[key]
-    if parsed.dtypes[key] not in dtypes:
-        raise ValueError(f"{key}: dtype {parsed.dtypes[key]} is not one of {', '.join(dtypes)}")
-    if list(array.shape) != list(shape):
-        raise ValueError(f"{key}: shape {list(array.shape)} disagrees with the expected {shape}")
-    return array
+    return finish(name, full[:rows, :cols], entry, parsed)
 
 
 def _check_row_ptr(name: str, row_ptr: np.ndarray) -> int:
@@ -226,15 +197,6 @@ def _check_columns(name: str, col_idx: np.ndarray, block_rows: np.ndarray, bcols
     same_row = block_rows[1:] == block_rows[:-1]
     if np.any(np.diff(col_idx)[same_row] <= 0):
         raise ValueError(f"{name}.col_indices not strictly increasing within a row")
-
-
-def _scales(name: str, entry: dict, parsed: Parsed, rows: int) -> np.ndarray:
-    if entry.get("scales") != f"{name}.scales":
-        raise ValueError(f'{name}: int8 values need "scales": "{name}.scales"')
-    scales = _part(name, "scales", parsed, ("F32",), [rows])
-    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-        raise ValueError(f"{name}.scales must be finite and non-negative")
-    return scales.astype(np.float32)
 
 
 # --- the pack as a whole --------------------------------------------------------------------
@@ -365,8 +327,10 @@ def _check_crc(parsed: Parsed, data: bytes, version: str) -> None:
 
 
 def _check_entry(name: str, entry, version: str) -> None:
-    if not isinstance(entry, dict) or set(entry) != ENTRY_KEYS:
-        raise ValueError(f"{name}: metadata entry must have exactly {sorted(ENTRY_KEYS)}")
+    nm_entry = isinstance(entry, dict) and entry.get("encoding") == csr_nm.ENCODING
+    keys = ENTRY_KEYS | {"nm"} if nm_entry else ENTRY_KEYS
+    if not isinstance(entry, dict) or set(entry) != keys:
+        raise ValueError(f"{name}: metadata entry must have exactly {sorted(keys)}")
     shape, block = entry["shape"], entry["block"]
     if not ints(shape) or len(shape) < 2 or any(d < 0 for d in shape):
         raise ValueError(f"{name}: shape {shape!r} is not a list of >= 2 sizes")
@@ -378,7 +342,9 @@ def _check_entry(name: str, entry, version: str) -> None:
         raise ValueError(
             f"{name}: block {block[0]}x{block[1]} has more than {MAX_BLOCK_ELEMENTS} elements"
         )
-    if entry["encoding"] != ("csr" if block == [1, 1] else "bcsr"):
+    if nm_entry:
+        csr_nm.check_entry(name, entry, version)
+    elif entry["encoding"] != ("csr" if block == [1, 1] else "bcsr"):
         raise ValueError(f"{name}: encoding {entry['encoding']!r} does not fit block {block}")
     if entry["dtype"] not in FLOAT_DTYPES or entry["values"] not in VALUE_DTYPES.values():
         raise ValueError(f"{name}: bad dtype {entry['dtype']!r} or values {entry['values']!r}")
@@ -394,5 +360,6 @@ def _claimed_parts(entries: dict[str, dict], parsed: Parsed) -> set[str]:
         scales = f"{name}.scales"
         if entry["values"] != "I8" and scales in parsed.arrays:
             raise ValueError(f"{scales}: a scales tensor for {entry['values']} values")
-        claimed |= {f"{name}.{part}" for part in PARTS}
+        own = csr_nm.PARTS if entry["encoding"] == csr_nm.ENCODING else PARTS
+        claimed |= {f"{name}.{suffix}" for suffix in own}
     return claimed

@@ -30,6 +30,7 @@ from compressor.outputs import named_outputs
 from exporters import effect
 from exporters._common import eval_mode, flat_outputs
 from exporters.onnx_export import Exported, export_graph, opset_of
+from exporters.onnx_pattern import add_pattern_props_
 
 # Tolerance of the onnxruntime check, relative to the inputs' effect (the largest spread
 # of an output across the sample inputs, `exporters.effect`): float32 kernels that sum in
@@ -122,7 +123,8 @@ def export_onnx(
         path: the output file; written atomically, never onto a `protect`ed path.
         example_inputs: a tuple of input tensors with a batch dimension first.
         opset: the ONNX opset to emit (default: the exporter's).
-        report: the compression report, stored as JSON in `metadata_props`.
+        report: the compression report, stored as JSON in `metadata_props`; a pattern it
+            names is also stored per initializer (`exporters.onnx_pattern`).
         verify: run onnxruntime against PyTorch and fail above tolerance.
         sparse_initializers: store weights at or above `sparse_threshold` sparsity as COO
             `sparse_initializer`s (onnxruntime densifies them when it loads the model).
@@ -146,6 +148,7 @@ def export_onnx(
         exported = to_onnx_with(model, example_inputs, opset=opset, exporter=exporter)
         proto = exported.proto
         _set_metadata(proto, report, example_inputs)
+        add_pattern_props_(proto, model, report)
         dense_bytes = _serialize(proto)
         count = sparsify_initializers_(proto, sparse_threshold) if sparse_initializers else 0
         data = _serialize(proto) if count else dense_bytes

@@ -817,3 +817,29 @@ class ZeroHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+# --- branch patterns-export: a BatchNorm net the TorchScript ONNX exporter folds ------------
+
+
+class ConvBnPatternNet(nn.Module):
+    """Two conv+BN blocks of the same shape and a classifier, on 4x6x6 inputs: the legacy
+    ONNX exporter folds each BN into its conv and renames the weight (onnx::Conv_N), and
+    two equal shapes make the match by zero positions choose between them."""
+
+    def __init__(self, channels: int = 8, classes: int = 10):
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(4, channels, 3, padding=1), nn.BatchNorm2d(channels))
+        self.block2 = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        )
+        self.block3 = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        )
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.block1(x))
+        x = torch.relu(self.block2(x))
+        x = torch.relu(self.block3(x))
+        return self.head(x.mean(dim=(2, 3)))
