@@ -53,7 +53,8 @@ def test_a_miss_says_why():
     units = [_unit("coarse", 10, 0.0)]
     fit = fit_budget(units, _linear_cost(COARSE_FINE), 250, 248)
     assert fit.after == 240 and fit.miss is not None
-    assert "stopped at 240" in fit.miss and "finest channel step back costs 40" in fit.miss
+    assert "costs 240, under the window's low end 248" in fit.miss
+    assert "the finest step back adds 40 and overshoots" in fit.miss
 
 
 @pytest.mark.parametrize("round_to", [1, 4, 8])

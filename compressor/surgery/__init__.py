@@ -9,7 +9,8 @@
 Modules: `trace` (fx / torch.export graph + recorded values), `graph` (groups, members),
 `walker` + `ops` + `shape_ops` (per-op channel rules), `plan` (keep masks -> kept positions,
 masked-model constants), `remove` (per-layer-type slicing), `mixed` (ResidualJoin),
-`rewrite` (code changes: joins, literal sizes), `slim` (slim_ / mask_).
+`rewrite` (code changes: joins, literal sizes), `slim` (slim_ / mask_), and the cost engine:
+`cost` (exact params / FLOPs / volume of a keep dict) and `fit` (one budget fitter).
 Methods decide what to keep; this package alone changes tensor shapes (DESIGN.md).
 """
 

@@ -282,13 +282,10 @@ class _Search:
         steps = list(dict.fromkeys(self.restore_steps(levels)))
         jumps = [self.cost(self.moved(levels, [u], +1)) - after for u in steps[:MAX_TRADES]]
         finest = min(jumps) if jumps else 0.0
+        aligned = f" of {self.round_to} channels (--round-to)" if self.round_to > 1 else ""
         return (
-            f"the cost stopped at {after:.6g}, {low - after:.6g} below the window's low end "
-            f"{low:.6g}: the finest channel step back costs {finest:.6g} and overshoots the "
-            "budget, and no trade of one step up for others down lands in the window"
-            + (
-                f" (with --round-to {self.round_to}, a step is up to {self.round_to} channels)"
-                if self.round_to > 1
-                else ""
-            )
+            f"the channel decision costs {after:.6g}, under the window's low end {low:.6g}: "
+            f"the finest step{aligned} back adds {finest:.6g} and overshoots the budget, and no "
+            "trade of one step back for finer ones lands in the window; ask for a slightly "
+            "different budget" + (" or a smaller --round-to" if self.round_to > 1 else "")
         )
