@@ -14,7 +14,8 @@ score among the channels it moves.
 2. Restore: the longest prefix of steps, most worth first, that still fits, then single
    steps that fit until the cost reaches `low`.
 3. Trade: still below `low` (every step back overshoots: coarse channels, e.g. of a large
-   feature map), one unit steps back up and the removal runs again on the other units.
+   feature map, or aligned steps), one unit steps back up (one to TRADE_STEPS steps) and
+   the removal runs again on the other units.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import torch
 from compressor.errors import InputError, TargetNotReachedError
 
 MAX_TRIALS = 400  # single-step trials after a bisection
-MAX_TRADES = 64  # units tried one step up in the trade phase
+MAX_TRADES = 32  # units tried a step up in the trade phase
+TRADE_STEPS = 4  # steps up one unit may take there (aligned steps are coarse)
+TRADE_TRIALS = 32  # single-step trials after each trade's bisection
 
 
 @dataclass(frozen=True)
@@ -252,19 +255,21 @@ class _Search:
         return current
 
     def trade(self, levels, target, low) -> list[int]:
-        """One unit a step up, the others down again to fit: the best landing found."""
+        """One unit up by 1 to TRADE_STEPS steps, the others down again to fit: the first
+        landing in the window, else the best below it."""
         best, best_cost = levels, self.cost(levels)
-        firsts = list(dict.fromkeys(self.restore_steps(levels)))
-        for u in firsts[:MAX_TRADES]:
-            up = self.moved(levels, [u], +1)
-            down = self.remove(up, target, low, frozen=u, trials=64)
-            if down is None:
-                continue
-            value = self.cost(down)
-            if best_cost < value <= target:
-                best, best_cost = down, value
-            if value >= low:
-                break
+        firsts = list(dict.fromkeys(self.restore_steps(levels)))[:MAX_TRADES]
+        for steps in range(1, TRADE_STEPS + 1):
+            for u in firsts:
+                if levels[u] + steps >= len(self.ladders[u].counts):
+                    continue
+                up = self.moved(levels, [u] * steps, +1)
+                down = self.remove(up, target, low, frozen=u, trials=TRADE_TRIALS)
+                value = self.cost(down) if down is not None else float("inf")
+                if best_cost < value <= target:
+                    best, best_cost = down, value
+                if low <= value <= target:
+                    return best
         return best
 
     def result(self, start: list[torch.Tensor], levels: list[int], before, low) -> Fit:
