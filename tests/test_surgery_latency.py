@@ -12,6 +12,7 @@ import torch
 from compressor import zoo
 from compressor.surgery import channel_groups, mask_, slim_
 from compressor.surgery.cost import CostModel
+from compressor.surgery.fit import FitUnit, fit_budget
 from compressor.surgery.latency import (
     LatencyModel,
     LatencyTable,
@@ -183,3 +184,19 @@ def test_the_layer_timer_takes_the_median_of_rounds_on_its_clock():
     spec = {"op": "linear", "in": 4, "out": 3, "tokens": 1}
     # one warm run reads 1 ms: 5 ms samples need 5 runs; each sample then reads 1 ms
     assert OrtLayerTimer(rounds=3, clock=clock)(spec) == pytest.approx(1.0 / 5)
+
+
+def test_the_fitter_meets_a_latency_budget_on_the_fake_table(tmp_path):
+    x = _x()
+    latency = _latency(_model("resnet20"), x, "tied", tmp_path)
+    groups = [g for g in channel_groups(_model("resnet20"), x) if g.prunable]
+    units = [FitUnit(g.id, torch.arange(g.size, dtype=torch.float32), g.fixed) for g in groups]
+    dense = latency.dense()
+    fit = fit_budget(units, latency.cost, 0.5 * dense, 0.495 * dense, round_to=4)
+    assert 0.495 * dense <= fit.after <= 0.5 * dense
+    keep = {unit.key: mask for unit, mask in zip(units, fit.masks)}
+    assert all(int(m.sum()) % 4 == 0 or bool(m.all()) for m in fit.masks)
+    model = _model("resnet20")
+    mask_(model, keep, x, norms=True)
+    slimmed = slim_(model, keep, x).model
+    assert _latency(slimmed, x, "tied", tmp_path).dense() == pytest.approx(fit.after, rel=1e-12)
