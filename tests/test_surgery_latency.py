@@ -20,6 +20,7 @@ from compressor.surgery.latency import (
     _single_layer_graph,
     cache_path,
     machine_id,
+    rate_multiple,
     spec_key,
 )
 from tests.test_surgery_cost import random_keep
@@ -200,3 +201,13 @@ def test_the_fitter_meets_a_latency_budget_on_the_fake_table(tmp_path):
     mask_(model, keep, x, norms=True)
     slimmed = slim_(model, keep, x).model
     assert _latency(slimmed, x, "tied", tmp_path).dense() == pytest.approx(fit.after, rel=1e-12)
+
+
+@pytest.mark.parametrize(("block", "expected"), [(8, 8), (4, 4), (1, 1), (64, 32)])
+def test_the_default_multiple_is_where_the_kernel_rate_steps_up(block, expected, tmp_path):
+    """A kernel that computes `block` output channels at a time: a partial block costs a
+    full one, so rounding a count up to a multiple of `block` is free."""
+    timer = lambda spec: 0.1 * -(-spec["out"] // block) + 1e-3 * spec["in"]  # noqa: E731
+    table = LatencyTable(timer, path=tmp_path / "table.json")
+    specs = [{"op": "linear", "in": 64, "out": out, "tokens": 1} for out in (100, 80, 48, 10)]
+    assert rate_multiple(table, specs) == expected

@@ -35,6 +35,9 @@ ROUNDS = 5  # timed samples per layer shape; the median is kept
 MIN_SAMPLE_S = 0.005  # one sample repeats the layer until it lasts this long (timer noise)
 MAX_REPEATS = 1000
 TABLE_VERSION = 1
+ALIGN_CANDIDATES = (2, 4, 8, 16, 32)  # channel multiples SIMD kernels block by
+ALIGN_LAYERS = 3  # the slowest layer shapes that decide the multiple
+ALIGN_TOLERANCE = 0.05  # rounding up "costs no time" within this (timer noise)
 
 Spec = dict  # one layer shape: see `layer_spec`
 Timer = Callable[[Spec], float]  # milliseconds of one run of a single-layer graph
@@ -145,6 +148,34 @@ class LatencyModel:
     def dense(self) -> float:
         """Predicted milliseconds of the unslimmed model."""
         return self.cost({})
+
+
+def rate_multiple(
+    table: LatencyTable, specs: list[Spec], tolerance: float = ALIGN_TOLERANCE
+) -> int:
+    """The channel multiple where the runtime's kernel rate steps up: `--round-to`'s
+    default under a latency budget.
+
+    The largest N of ALIGN_CANDIDATES such that, on the ALIGN_LAYERS slowest of `specs`,
+    rounding any output count up to a multiple of N costs no time (within `tolerance`):
+    the kernel runs N-wide and a partial block costs a full one. 1 when none does.
+    """
+    heavy = sorted(specs, key=table.lookup, reverse=True)[:ALIGN_LAYERS]
+    best = 1
+    for n in ALIGN_CANDIDATES:
+        if all(_free_rounding(table, spec, n, tolerance) for spec in heavy):
+            best = n
+    return best
+
+
+def _free_rounding(table: LatencyTable, spec: Spec, n: int, tolerance: float) -> bool:
+    """Whether every output count (up to twice the largest candidate) costs no less once
+    rounded up to a multiple of `n` (or the layer's full count)."""
+    for count in range(1, min(spec["out"], 2 * ALIGN_CANDIDATES[-1]) + 1):
+        up = min(-(-count // n) * n, spec["out"])
+        if table.lookup(spec | {"out": up}) > (1 + tolerance) * table.lookup(spec | {"out": count}):
+            return False
+    return True
 
 
 def layer_spec(module: nn.Module, shape: list[int], outs: int, size: tuple[int, ...]) -> Spec:
