@@ -260,6 +260,13 @@ METHOD_FLAGS = (
     click.option(
         "--residual", type=click.Choice(["mixed", "tied"]), help="Residual block style (BAR)."
     ),
+    click.option(
+        "--round-to",
+        type=int,
+        metavar="N",
+        help="Structured methods: every slimmed layer keeps a multiple of N channels "
+        "(or all of them); default 1 (free).",
+    ),
     click.option("--variant", type=click.Choice(["element", "structure"]), help="GSS variant."),
     click.option("--norms", type=click.Choice(["212", "121"]), help="GSS norm order."),
     click.option("--p", "p", type=click.FloatRange(min=0, min_open=True), help="GSS p."),

@@ -186,9 +186,9 @@ def _totals(model: nn.Module, layers: list[LayerStats]) -> ModelStats:
         prunable_params=sum(w.numel() for w in prunable),
         prunable_nonzero=sum(int(torch.count_nonzero(w)) for w in prunable),
         flops=sum(layer.flops for layer in layers),
-        volume=sum(
-            layer.volume for layer in layers if layer.kind in {"Conv1d", "Conv2d", "Linear"}
-        ),
+        # only Conv/Linear rows carry a volume; matching on isinstance (not the class name)
+        # keeps their subclasses, e.g. surgery's SelectedLinear, in the count
+        volume=sum(layer.volume for layer in layers),
         memory=sum(layer.memory for layer in layers),
     )
 

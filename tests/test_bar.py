@@ -15,7 +15,6 @@ from compressor.errors import InputError, TargetNotReachedError
 from compressor.io import load_model
 from compressor.methods import prune
 from compressor.methods.bar import Bar
-from compressor.methods.bar.cost import CostModel
 from compressor.methods.bar.gates import (
     BARRIER_CAP,
     barrier,
@@ -27,7 +26,6 @@ from compressor.methods.bar.gates import (
     transition,
 )
 from compressor.stats import measure
-from compressor.surgery import channel_groups, mask_, slim_
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 
@@ -132,52 +130,6 @@ def test_penalty_gradient_is_capped_at_the_wall():
     assert torch.allclose(grads / grads.norm(), slopes / slopes.norm(), atol=1e-6)
 
 
-# --- exact accounting ---------------------------------------------------------------------------
-
-
-def _random_keep(groups, residual: str, seed: int) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    keep = {}
-    for group in groups:
-        if not group.prunable:
-            continue
-        by_layer = residual == "mixed" and group.residual and not group.of_kind("grouped")
-        for key, size in (
-            [(m.fqn, len(m.index)) for m in group.of_kind("producer")]
-            if by_layer
-            else [(group.id, group.size)]
-        ):
-            mask = torch.rand(size, generator=generator) < 0.4
-            mask[0] = True
-            keep[key] = mask
-    return keep
-
-
-@pytest.mark.parametrize("arch", ["resnet20", "mobilenetv2", "lenet5"])
-@pytest.mark.parametrize("residual", ["mixed", "tied"])
-def test_cost_model_predicts_the_slimmed_network(arch, residual):
-    model, x = _model(arch), _x()
-    costs = CostModel(model, (x,), residual)
-    keep = _random_keep(channel_groups(model, x), residual, seed=3)
-    volume, flops = costs.cost(keep)
-    mask_(model, keep, x, residual=residual, norms=True)
-    stats = measure(slim_(model, keep, x, residual=residual).model, x)
-    assert volume == pytest.approx(stats.volume, rel=1e-9)
-    assert flops == pytest.approx(stats.flops, rel=1e-9)
-    assert stats.volume < costs.dense_volume and stats.flops < costs.dense_flops
-
-
-def test_cost_model_prices_a_mixed_decision_built_tied():
-    model, x = _model("resnet20"), _x()
-    costs = CostModel(model, (x,), "mixed")
-    keep = _random_keep(channel_groups(model, x), "mixed", seed=4)
-    volume, flops = costs.cost(keep, "tied")  # every stream keeps its producers' union
-    mask_(model, keep, x, residual="tied", norms=True)
-    stats = measure(slim_(model, keep, x, residual="tied").model, x)
-    assert (volume, flops) == pytest.approx((stats.volume, stats.flops), rel=1e-9)
-    assert volume > costs.cost(keep)[0]
-
-
 # --- the budget is met --------------------------------------------------------------------------
 
 
@@ -223,6 +175,27 @@ def test_budget_below_the_smallest_network_is_refused():
     method.prepare(_x())
     with pytest.raises(TargetNotReachedError, match="smallest network"):
         method.decide()
+
+
+@pytest.mark.parametrize(("dead1", "dead2"), [(14, 25), (5, 30)])
+def test_coarse_flop_channels_still_land_in_the_window(dead1, dead2):
+    """LeNet-5's conv1 channels carry 2 % of the FLOPs each, 4x the 0.5 % window: the old
+    budget step stopped at keep 0.4927 and 0.4871 on these gates (a miss, as digits runs
+    with >= 2 gated epochs reached 0.4648); trading a coarse channel back lands it."""
+    method = Bar(_model("lenet5"), Budget("flops", 0.5), residual="tied")
+    method.prepare(_x())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for unit in method.gates.units:
+            log_alpha = 3.0 + torch.rand(unit.size, generator=generator)
+            dead = {20: dead1, 50: dead2}.get(unit.size, 0)
+            log_alpha[:dead] = -6.0 - torch.rand(dead, generator=generator)
+            unit.log_alpha.copy_(log_alpha)
+    method.decide()
+    assert 0.495 <= method.adjustment.after / method.dense_cost <= 0.5
+    assert method.adjustment.miss is None and method.adjustment.restored > 0
+    report = method.finalize().report
+    assert 0.495 <= report["achieved"]["keep"] <= 0.5
 
 
 def test_bad_residual_mode():

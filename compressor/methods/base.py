@@ -262,9 +262,11 @@ def check_target(report: dict, budget: Budget) -> None:
             f"method {report['method']!r} reported no achieved {budget.metric}"
         )
     if abs(achieved - budget.keep) > TARGET_TOLERANCE + 1e-12:
+        # the message carries the why: a failed run writes no report to look in
+        why = report.get("miss") or "the method recorded no reason"
         raise TargetNotReachedError(
             f"{report['method']}: asked for {budget.describe()} but reached keep fraction "
-            f"{achieved:.4f} (target {budget.keep:.4f}); see the report for why"
+            f"{achieved:.4f} (target {budget.keep:.4f}): {why}"
         )
 
 

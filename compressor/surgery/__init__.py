@@ -12,7 +12,8 @@ Modules, in layers (each imports only the ones before it; tests/test_architectur
 model), `walker` + `shape_ops` + `ops` (per-op channel rules), `graph` (the walk: analyse,
 channel_groups), `plan` (keep masks -> kept positions, masked-model constants), `rewrite`
 (code changes: joins, literal sizes), `slim` (slim_ / mask_), then `pins`, `streams`,
-`select`.
+`select`; and the cost engine on top: `cost` (exact params / FLOPs / volume of a keep
+dict), `latency` (a per-layer latency table) and `fit` (the one budget fitter).
 Methods decide what to keep; this package alone changes tensor shapes (DESIGN.md).
 """
 

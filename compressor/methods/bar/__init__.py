@@ -33,7 +33,7 @@ import torch
 
 from compressor import distributed
 from compressor.errors import InputError
-from compressor.methods.bar.cost import CostModel, at_least_one_, keep_dict, meet_budget
+from compressor.methods.bar.cost import at_least_one_, channel_weights, fit_units, keep_dict
 from compressor.methods.bar.gates import (
     Gates,
     barrier_multiplier,
@@ -59,6 +59,8 @@ from compressor.methods.base import (
     clone_model,
     register_method,
 )
+from compressor.surgery.cost import CostModel
+from compressor.surgery.fit import check_round_to, fit_budget
 from compressor.surgery.streams import check_exact
 from compressor.train import Distill, fit, sgd
 
@@ -113,6 +115,9 @@ class BarConfig(MethodConfig):
     # BatchNorm statistics gathered under sampled gates are re-estimated on the slimmed
     # model (this many batches) before it trains on.
     bn_batches: int = 100
+    # --round-to: every slimmed layer keeps a multiple of this many channels (or all of
+    # them), the widths vectorised kernels run fastest at; 1 leaves counts free
+    round_to: int = 1
 
 
 @register_method("bar")
@@ -136,6 +141,7 @@ class Bar(Method):
             raise InputError("Hard Concrete needs gamma < 0 < 1 < zeta and beta > 0")
         if self.config.epochs < 0 or self.config.finetune_epochs < 0:
             raise InputError("epochs and finetune_epochs must be >= 0")
+        check_round_to(self.config.round_to)
         self.example: tuple | None = None
         self.gates: Gates | None = None
         self.masks: list[torch.Tensor] | None = None
@@ -159,8 +165,8 @@ class Bar(Method):
         init_log_alpha_(units, cfg.log_alpha_init, cfg.log_alpha_noise)
         counts = own_counts(units)
         for unit in units:
-            unit.weight = self.costs.channel_weights(
-                unit, self.budget.metric, counts.get(unit.group.id, 0)
+            unit.weight = channel_weights(
+                self.costs, unit, self.budget.metric, counts.get(unit.group.id, 0)
             )
         self.gates = Gates(units, cfg.beta, cfg.gamma, cfg.zeta)
         self.gates.install_(self.model)
@@ -222,7 +228,7 @@ class Bar(Method):
         self.gates.bake_(self.model)
         self.gates.remove_()
         keep = keep_dict(self.gates.units, self.masks)
-        tied = self.costs.cost(keep, "tied")  # priced before slimming changes the layers
+        tied = self.costs.predict(keep, "tied")  # priced before slimming changes the layers
         slimmed = slim_model(self.model, keep, self.example, self.config.residual)
         config = _jsonable(self.config.__dict__)
         report = structured_report(
@@ -249,8 +255,7 @@ class Bar(Method):
         return masks
 
     def cost_of(self, masks: list[torch.Tensor]) -> float:
-        volume, flops = self.costs.cost(keep_dict(self.gates.units, masks))
-        return volume if self.budget.metric == "volume" else flops
+        return self.costs.cost(keep_dict(self.gates.units, masks), self.budget.metric)
 
     def _refresh(self, progress: float) -> None:
         self.current = self.cost_of(self.learned_masks())
@@ -268,9 +273,15 @@ class Bar(Method):
         units = self.gates.units
         low = self.target - min(self.config.tolerance * self.target, 0.005 * self.dense_cost)
         scores = [u.log_alpha.detach() for u in units]
-        self.masks, self.adjustment = meet_budget(
-            units, self.learned_masks(), scores, self.cost_of, self.target, low
+        self.adjustment = fit_budget(
+            fit_units(units, scores),
+            lambda keep: self.costs.cost(keep, self.budget.metric),
+            self.target,
+            low,
+            start=self.learned_masks(),
+            round_to=self.config.round_to,
         )
+        self.masks = self.adjustment.masks
         for unit, mask in zip(units, self.masks):
             z = self.gates.test_values(unit).detach()
             unit.frozen = torch.where(mask, torch.where(z > 0, z, torch.ones_like(z)), 0.0)

@@ -11,10 +11,11 @@ from torch.utils.data import DataLoader
 from compressor.errors import InputError
 from compressor.examples import example_inputs_of
 from compressor.finetune import finetune_, step_lambda
-from compressor.methods.bar.cost import Adjustment, CostModel
 from compressor.methods.bar.gates import GateUnit
 from compressor.stats import measure
 from compressor.surgery import SlimResult, slim_
+from compressor.surgery.cost import CostModel
+from compressor.surgery.fit import Fit
 from compressor.surgery.streams import stream_name, unmixable_streams
 from compressor.train import recalibrate_batchnorm_, sgd
 
@@ -91,12 +92,12 @@ def structured_report(
     costs: CostModel,
     slimmed: SlimResult,
     example: tuple,
-    adjustment: Adjustment,
-    tied_equivalent: tuple[float, float],
+    adjustment: Fit,
+    tied_equivalent: dict[str, int],
 ) -> dict:
     """The report of a slimmed model: requested vs achieved budget, channels per layer.
 
-    `tied_equivalent` is the (volume, MACs) of the same decision built with tied streams
+    `tied_equivalent` is the predicted cost of the same decision built with tied streams
     (each keeping the union of its producers' channels): what mixed blocks save. It must
     be priced before slimming, which changes the layers the cost model's plan reads.
     """
@@ -104,7 +105,8 @@ def structured_report(
     dense = costs.dense(budget.metric)
     achieved = stats.volume if budget.metric == "volume" else stats.flops
     kept = {row.fqn: row.channels for row in stats.layers if row.fqn in costs.layers}
-    return {
+    dense_volume, dense_flops = costs.dense("volume"), costs.dense("flops")
+    report = {
         "method": name,
         "config": config,
         "budget": budget.to_dict(),
@@ -114,13 +116,13 @@ def structured_report(
             "keep": achieved / dense,
             "volume": stats.volume,
             "flops": stats.flops,
-            "volume_factor": costs.dense_volume / stats.volume,
-            "flops_factor": costs.dense_flops / stats.flops,
+            "volume_factor": dense_volume / stats.volume,
+            "flops_factor": dense_flops / stats.flops,
             "params": stats.params,
             "memory": stats.memory,
             "sparsity": stats.sparsity,  # zero weights left in the slimmed layers
         },
-        "dense": {"volume": costs.dense_volume, "flops": costs.dense_flops},
+        "dense": {"volume": dense_volume, "flops": dense_flops},
         "budget_step": {
             "keep_before": adjustment.before / dense,
             "removed": adjustment.removed,
@@ -132,8 +134,11 @@ def structured_report(
         ],
         "residual": slimmed.report.get("residual"),
         "joins": slimmed.report.get("joins", 0),
-        "tied_equivalent": dict(zip(("volume", "flops"), tied_equivalent)),
+        "tied_equivalent": {k: tied_equivalent[k] for k in ("volume", "flops")},
     }
+    if adjustment.miss:
+        report["miss"] = adjustment.miss  # check_target's message says it (no report is written)
+    return report
 
 
 def own_counts(units: list[GateUnit]) -> dict[int, int]:

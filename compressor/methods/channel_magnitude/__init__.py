@@ -20,7 +20,7 @@ import torch
 
 from compressor.errors import InputError
 from compressor.methods.bar import BarConfig
-from compressor.methods.bar.cost import CostModel, at_least_one_, keep_dict, meet_budget
+from compressor.methods.bar.cost import at_least_one_, fit_units, keep_dict
 from compressor.methods.bar.gates import GateUnit, build_units
 from compressor.methods.bar.slim import (
     check_residual,
@@ -40,6 +40,8 @@ from compressor.methods.base import (
     register_method,
 )
 from compressor.surgery import mask_
+from compressor.surgery.cost import CostModel
+from compressor.surgery.fit import check_round_to, fit_budget
 from compressor.train import Distill
 
 if TYPE_CHECKING:
@@ -67,6 +69,7 @@ class ChannelMagnitudeConfig(MethodConfig):
     alpha: float = _BAR.alpha  # BAR's KD alpha
     tolerance: float = _BAR.tolerance  # the budget is met within 1 % from below, as BAR
     bn_batches: int = _BAR.bn_batches  # BatchNorm re-estimated after slimming, as BAR
+    round_to: int = _BAR.round_to  # --round-to: kept counts multiples of this (1: free)
 
 
 def filter_l1(model: torch.nn.Module, unit: GateUnit) -> torch.Tensor:
@@ -105,6 +108,7 @@ class ChannelMagnitude(Method):
         check_residual(self.config.residual)
         if self.config.finetune_epochs < 0:
             raise InputError("finetune_epochs must be >= 0")
+        check_round_to(self.config.round_to)
         self.example: tuple | None = None
 
     def prepare(self, example_inputs=None) -> None:
@@ -123,14 +127,18 @@ class ChannelMagnitude(Method):
         dense = self.costs.dense(self.budget.metric)
         self.target = self.budget.keep * dense
         low = self.target - min(cfg.tolerance * self.target, 0.005 * dense)
-        masks = self._uniform(self._best_ratio())
-        self.masks, self.adjustment = meet_budget(
-            self.units, masks, self.scores, self.cost_of, self.target, low
+        self.adjustment = fit_budget(
+            fit_units(self.units, self.scores),
+            lambda keep: self.costs.cost(keep, self.budget.metric),
+            self.target,
+            low,
+            start=self._uniform(self._best_ratio()),
+            round_to=cfg.round_to,
         )
+        self.masks = self.adjustment.masks
 
     def cost_of(self, masks: list[torch.Tensor]) -> float:
-        volume, flops = self.costs.cost(keep_dict(self.units, masks))
-        return volume if self.budget.metric == "volume" else flops
+        return self.costs.cost(keep_dict(self.units, masks), self.budget.metric)
 
     def _uniform(self, ratio: float) -> list[torch.Tensor]:
         masks = [top_fraction(s, u.fixed, ratio) for s, u in zip(self.scores, self.units)]
@@ -151,7 +159,7 @@ class ChannelMagnitude(Method):
         """Zeroes the removed channels (norms included) and slims them away."""
         keep = keep_dict(self.units, self.masks)
         mask_(self.model, keep, self.example, residual=self.config.residual, norms=True)
-        tied = self.costs.cost(keep, "tied")  # priced before slimming changes the layers
+        tied = self.costs.predict(keep, "tied")  # priced before slimming changes the layers
         slimmed = slim_model(self.model, keep, self.example, self.config.residual)
         config = _jsonable(self.config.__dict__)
         report = structured_report(

@@ -47,6 +47,8 @@ from compressor.methods.gss import prune as gss_prune
 from compressor.methods.gss import reg as gss_reg
 from compressor.stats import measure
 from compressor.surgery import channel_groups, slim_
+from compressor.surgery.cost import CostModel
+from compressor.surgery.fit import FitUnit, check_round_to, fit_budget
 from compressor.surgery.select import input_feature_layers, select_inputs_, with_input_features
 from compressor.train import fit
 
@@ -102,6 +104,9 @@ class GssConfig(MethodConfig):
     inputs: bool = True
     momentum: float = 0.9  # only for optimiser="sgd"
     batch_size: int = 100  # official --batch-size 100
+    # --round-to (structure variant): every slimmed layer keeps a multiple of this many
+    # channels (or all of them); 1 leaves counts free
+    round_to: int = 1
 
 
 @register_method("gss")
@@ -270,20 +275,32 @@ class Gss(Method):
         self.masked = True
 
     def _mask_channels(self) -> None:
-        dense = measure(self.model, self.example)
-        layer_flops = {s.fqn: float(s.flops) for s in dense.layers if s.flops}
+        costs = CostModel(self.model, self.example, "tied", groups=self.groups)
+        dense = costs.dense("flops")
         ranks = gss_prune.channel_scores(self.model, self.neurons, self.config.rank)
         scores = gss_prune.channel_scores(self.model, self.neurons, "std")
         threshold = gss_prune.threshold_channels(self.neurons, scores, self.config.ratio)
-        counter = gss_prune.FlopCounter(self.groups, layer_flops)
-        self.extra["dense_flops"] = dense.flops
-        self.extra["threshold_keep"] = _predicted_keep(counter, threshold, dense.flops)
+        self.extra["dense_flops"] = dense
+        self.extra["threshold_keep"] = costs.cost(threshold, "flops") / dense
         if self.config.prune == "threshold":
             self.keep = threshold
         else:
+            # the least important channels go first (the regulariser decided the structure);
             # land within half the toolkit's 0.5 % tolerance (base.TARGET_TOLERANCE)
-            target, slack = self.budget.keep * dense.flops, 0.5 * TARGET_TOLERANCE * dense.flops
-            self.keep = gss_prune.select_channels(self.neurons, ranks, counter, target, slack)
+            target, slack = self.budget.keep * dense, 0.5 * TARGET_TOLERANCE * dense
+            units = [
+                FitUnit(ng.group.id, rank, ~ng.channels) for ng, rank in zip(self.neurons, ranks)
+            ]
+            fit = fit_budget(
+                units,
+                lambda keep: costs.cost(keep, "flops"),
+                target,
+                target - slack,
+                round_to=self.config.round_to,
+            )
+            self.keep = {unit.key: mask for unit, mask in zip(units, fit.masks)}
+            if fit.miss:
+                self.extra["miss"] = fit.miss
         masks = gss_prune.channel_masks(self.model, self.groups, self.keep)
         gss_prune.install_masks_(self.model, masks)
         self.masked = True
@@ -349,9 +366,15 @@ def _check_config(cfg: GssConfig, budget: Budget) -> str:
         raise InputError("gss: give both --p and --q (> 0) for the auxiliary form, or neither")
     if cfg.lambda_ < 0 or cfg.ratio <= 0 or cfg.eps < 0:
         raise InputError("gss: --lambda and eps must be >= 0 and ratio > 0")
+    check_round_to(cfg.round_to)
     variant = cfg.variant
     if variant == "auto":
         variant = "structure" if budget.metric == "flops" else "element"
+    if variant == "element" and cfg.round_to != 1:
+        raise InputError(
+            f"gss: round_to {cfg.round_to} aligns channel counts, which only the structure "
+            "variant removes; drop --round-to or give --budget NX (FLOPs)"
+        )
     # the hints restate the user's own budget in the form the variant takes
     if variant == "element" and budget.metric != "weights":
         raise InputError(
@@ -364,17 +387,6 @@ def _check_config(cfg: GssConfig, budget: Budget) -> str:
             f"give --budget {budget.factor:.4g}x (FLOPs is the default for this variant)"
         )
     return variant
-
-
-def _predicted_keep(counter, keep: dict[int, torch.Tensor], dense_flops: float) -> float:
-    """Predicted FLOP keep fraction of a keep mask, leaving `counter` as it was."""
-    changed = [(gid, j) for gid, m in keep.items() for j in (~m).nonzero().flatten().tolist()]
-    for gid, j in changed:
-        counter.change(gid, j, -1)
-    value = counter.total() / dense_flops
-    for gid, j in changed:
-        counter.change(gid, j, +1)
-    return value
 
 
 def structure_of(model) -> str:

@@ -4,8 +4,8 @@ The official rule (the authors' prun_tune_V.py) zeroes every weight with
 |w| < ratio * std(W_l) of its layer; a channel goes when its whole group (incoming rows and
 outgoing columns) is below that threshold. Given a budget instead, weights are ranked by |w|
 over the whole network and cut at exactly the budget's count; channels are ranked by their
-norm relative to their layer's, removed from the least important up until the predicted
-FLOPs fit, then the most important removed channels that still fit are put back.
+norm relative to their layer's (`channel_scores`) and the cost engine's fitter
+(`compressor.surgery.fit`) removes the least important until the exact FLOPs fit.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compressor.errors import TargetNotReachedError
 from compressor.masks import WeightMask, global_topk, weight_of
 from compressor.methods.gss.reg import PRODUCING, NeuronGroup
 from compressor.surgery import ChannelGroup
@@ -83,106 +82,6 @@ def _channel_score(model: nn.Module, group: ChannelGroup, rank: str) -> torch.Te
         total += torch.where(present, norms / scale, 0.0)
         count += present
     return total if rank == "std" else total / count.clamp_min(1)
-
-
-class FlopCounter:
-    """Predicted MACs of the network after removing channels, updated channel by channel.
-
-    A Conv/Linear layer's MACs scale with its kept output rows times its kept input slices
-    (a depthwise conv's with its kept channels), which is how `compressor.stats` counts them
-    on the slimmed network.
-    """
-
-    def __init__(self, groups: Sequence[ChannelGroup], layer_flops: dict[str, float]):
-        self.layer_flops = layer_flops
-        self.slices: dict[tuple[str, int], list[int]] = {}  # (layer, side) -> [kept, total]
-        self.touches: dict[int, list[tuple[tuple[str, int], list[int]]]] = {}
-        for group in groups:
-            for member in group.of_kind(*WEIGHT_KINDS):
-                if member.fqn not in layer_flops:
-                    continue
-                side = (member.fqn, int(member.kind == "consumer"))
-                counts = torch.bincount(member.index, minlength=group.size).tolist()
-                self.slices[side] = [len(member.index), len(member.index)]
-                self.touches.setdefault(group.id, []).append((side, counts))
-
-    def _fraction(self, fqn: str, side: int) -> float:
-        kept, total = self.slices.get((fqn, side), (1, 1))
-        return kept / total
-
-    def total(self) -> float:
-        """Predicted MACs of the whole network now."""
-        return sum(
-            flops * self._fraction(fqn, 0) * self._fraction(fqn, 1)
-            for fqn, flops in self.layer_flops.items()
-        )
-
-    def saving(self, group_id: int, channel: int) -> float:
-        """MACs that removing one more channel of a group saves, at the current widths."""
-        saved = 0.0
-        for (fqn, side), counts in self.touches.get(group_id, []):
-            total = self.slices[(fqn, side)][1]
-            saved += self.layer_flops[fqn] * counts[channel] / total * self._fraction(fqn, 1 - side)
-        return saved
-
-    def change(self, group_id: int, channel: int, sign: int) -> None:
-        """Removes (sign -1) or restores (sign +1) one channel of a group."""
-        for side, counts in self.touches.get(group_id, []):
-            self.slices[side][0] += sign * counts[channel]
-
-
-def select_channels(
-    groups: Sequence[NeuronGroup],
-    scores: Sequence[torch.Tensor],
-    counter: FlopCounter,
-    target: float,
-    slack: float,
-) -> dict[int, torch.Tensor]:
-    """Keep masks per group id whose predicted MACs are in [target - slack, target].
-
-    Removes channels from the least important up (the regulariser decides the structure),
-    never a group's last one, until the MACs fit. A removal that would undershoot by more
-    than `slack` (a coarse channel near the end) is set aside for finer ones; then the most
-    important removed channels that still fit are put back.
-
-    Raises:
-        TargetNotReachedError: even one channel per group (and every fixed one) costs more.
-    """
-    keep = {ng.group.id: torch.ones(ng.group.size, dtype=torch.bool) for ng in groups}
-    order = sorted(
-        (float(s[j]), ng.group.id, j)
-        for ng, s in zip(groups, scores)
-        for j in ng.channels.nonzero().flatten().tolist()
-    )
-    removed, aside = [], []
-    for _, gid, j in order:
-        if counter.total() <= target:
-            break
-        if int(keep[gid].sum()) == 1:
-            continue
-        if counter.total() - counter.saving(gid, j) < target - slack:
-            aside.append((gid, j))  # would undershoot the target by more than the slack
-            continue
-        counter.change(gid, j, -1)
-        keep[gid][j] = False
-        removed.append((gid, j))
-    for gid, j in aside:  # finer channels could not land it: take the coarse steps after all
-        if counter.total() > target and int(keep[gid].sum()) > 1:
-            counter.change(gid, j, -1)
-            keep[gid][j] = False
-            removed.append((gid, j))
-    if counter.total() > target:
-        raise TargetNotReachedError(
-            f"gss: even one channel per group leaves {counter.total():.0f} MACs, above the "
-            f"target {target:.0f}; ask for a smaller reduction"
-        )
-    for gid, j in reversed(removed):  # most important first: put back what still fits
-        counter.change(gid, j, +1)
-        if counter.total() <= target:
-            keep[gid][j] = True
-        else:
-            counter.change(gid, j, -1)
-    return keep
 
 
 def threshold_channels(

@@ -1,0 +1,301 @@
+"""The cost engine's latency model: a per-layer lookup table measured on the runtime.
+
+A slimmed network's latency is predicted as the sum, over its Conv/Linear layers, of the
+time one such layer takes alone at its live widths: each distinct layer shape (op,
+channels in and out, kernel, stride, padding, dilation, groups, input size) is timed once
+as a single-layer ONNX graph in onnxruntime (one intra-op thread by default, the median of
+several rounds) and cached as JSON under the user's cache directory, in a file whose name
+hashes the onnxruntime version, the CPU model and the thread count: a table measured on one
+machine is never read on another. The timer is injectable, so tests use a deterministic one.
+
+The sum ignores what lies between the layers (activations, pools, joins), so it ranks
+decisions well but is not the graph's latency; a budget met with it is checked by timing
+the exported graph (exporters/latency.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.masks import PRUNABLE_TYPES
+from compressor.surgery.cost import CostModel
+
+THREADS = 1  # intra-op threads: comparable across machines, independent of free cores
+ROUNDS = 5  # timed samples per layer shape; the median is kept
+MIN_SAMPLE_S = 0.005  # one sample repeats the layer until it lasts this long (timer noise)
+MAX_REPEATS = 1000
+TABLE_VERSION = 1
+ALIGN_CANDIDATES = (2, 4, 8, 16, 32)  # channel multiples SIMD kernels block by
+ALIGN_LAYERS = 3  # the slowest layer shapes that decide the multiple
+ALIGN_TOLERANCE = 0.05  # rounding up "costs no time" within this (timer noise)
+
+Spec = dict  # one layer shape: see `layer_spec`
+Timer = Callable[[Spec], float]  # milliseconds of one run of a single-layer graph
+
+
+def spec_key(spec: Spec) -> str:
+    """A layer shape as the table's key, e.g. 'conv in=16 out=8 k=3x3 s=1x1 ... hw=8x8'."""
+    return " ".join(
+        [spec["op"]] + [f"{k}={_text(v)}" for k, v in sorted(spec.items()) if k != "op"]
+    )
+
+
+def _text(value) -> str:
+    return "x".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def machine_id(threads: int = THREADS) -> dict[str, str]:
+    """What a measured table depends on: the runtime's version, the CPU model, the threads."""
+    import onnxruntime
+
+    return {"onnxruntime": onnxruntime.__version__, "cpu": _cpu_model(), "threads": str(threads)}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_path(threads: int = THREADS, machine: dict[str, str] | None = None) -> Path:
+    """$XDG_CACHE_HOME (or ~/.cache)/compressor/latency-<hash of the machine id>.json."""
+    machine = machine or machine_id(threads)
+    digest = hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:16]
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "compressor" / f"latency-{digest}.json"
+
+
+class LatencyTable:
+    """Milliseconds per layer shape: looked up in the cache, else timed once and stored.
+
+    Args:
+        timer: Times one layer shape; default: `OrtLayerTimer(threads)`.
+        path: The cache file; default: `cache_path(threads)`.
+        threads: onnxruntime intra-op threads (part of the cache key).
+    """
+
+    def __init__(
+        self, timer: Timer | None = None, path: Path | None = None, threads: int = THREADS
+    ):
+        self.timer = timer or OrtLayerTimer(threads)
+        self.path = Path(path) if path is not None else cache_path(threads)
+        self.entries: dict[str, float] = {}
+        self.measured = 0  # shapes timed by this object (not found in the cache)
+        if self.path.exists():
+            self.entries = dict(json.loads(self.path.read_text()).get("entries", {}))
+
+    def lookup(self, spec: Spec) -> float:
+        """The layer shape's milliseconds, timing it first when the table lacks it."""
+        key = spec_key(spec)
+        if key not in self.entries:
+            self.entries[key] = float(self.timer(spec))
+            self.measured += 1
+        return self.entries[key]
+
+    def save(self) -> None:
+        """Writes the table (a temporary file renamed over the old one: never half written)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"version": TABLE_VERSION, "entries": self.entries}, indent=1)
+        partial = self.path.with_suffix(".json.partial")
+        partial.write_text(text + "\n")
+        partial.replace(self.path)
+
+
+class LatencyModel:
+    """Predicted milliseconds of `model` slimmed with any keep dict: the engine's latency.
+
+    Args:
+        costs: The cost model of the same model (its live widths per keep dict).
+        model: The network (not modified); one forward at batch 1 records each layer's
+            input size.
+        example_inputs: A tuple of inputs the model runs on (the first sample is used).
+        table: Where layer times come from.
+    """
+
+    def __init__(
+        self, costs: CostModel, model: nn.Module, example_inputs: tuple, table: LatencyTable
+    ):
+        self.costs, self.table = costs, table
+        self.calls = _record_calls(model, tuple(x[:1] for x in example_inputs))
+
+    def specs(self, keep: dict, residual: str | None = None) -> list[Spec]:
+        """The shape of every layer call once slimmed with `keep`."""
+        widths = self.costs.widths(keep, residual)
+        found = []
+        for fqn, module, size in self.calls:
+            shape, outs = widths.weights[fqn], widths.outputs[fqn]
+            found.append(layer_spec(module, shape, outs, size))
+        return found
+
+    def cost(self, keep: dict, residual: str | None = None) -> float:
+        """Predicted milliseconds: the sum of the table's time for every layer call."""
+        return sum(self.table.lookup(spec) for spec in self.specs(keep, residual))
+
+    def dense(self) -> float:
+        """Predicted milliseconds of the unslimmed model."""
+        return self.cost({})
+
+
+def rate_multiple(
+    table: LatencyTable, specs: list[Spec], tolerance: float = ALIGN_TOLERANCE
+) -> int:
+    """The channel multiple where the runtime's kernel rate steps up: `--round-to`'s
+    default under a latency budget.
+
+    The largest N of ALIGN_CANDIDATES such that, on the ALIGN_LAYERS slowest of `specs`,
+    rounding any output count up to a multiple of N costs no time (within `tolerance`):
+    the kernel runs N-wide and a partial block costs a full one. 1 when none does.
+    """
+    heavy = sorted(specs, key=table.lookup, reverse=True)[:ALIGN_LAYERS]
+    best = 1
+    for n in ALIGN_CANDIDATES:
+        if all(_free_rounding(table, spec, n, tolerance) for spec in heavy):
+            best = n
+    return best
+
+
+def _free_rounding(table: LatencyTable, spec: Spec, n: int, tolerance: float) -> bool:
+    """Whether every output count (up to twice the largest candidate) costs no less once
+    rounded up to a multiple of `n` (or the layer's full count)."""
+    for count in range(1, min(spec["out"], 2 * ALIGN_CANDIDATES[-1]) + 1):
+        up = min(-(-count // n) * n, spec["out"])
+        if table.lookup(spec | {"out": up}) > (1 + tolerance) * table.lookup(spec | {"out": count}):
+            return False
+    return True
+
+
+def layer_spec(module: nn.Module, shape: list[int], outs: int, size: tuple[int, ...]) -> Spec:
+    """One layer call's shape at live weight `shape` and `outs` output channels.
+
+    `size` is the input's spatial size for a conv, its leading (token) sizes for a Linear.
+    """
+    if isinstance(module, nn.Linear):
+        return {
+            "op": "linear",
+            "in": shape[1],
+            "out": outs,
+            "tokens": int(torch.Size(size).numel()),
+        }
+    groups = module.groups
+    if groups > 1:  # a grouped conv keeps whole groups; depthwise: one channel each
+        groups = outs // (module.out_channels // module.groups)
+    return {
+        "op": f"conv{len(module.kernel_size)}d",
+        "in": shape[1] * groups,
+        "out": outs,
+        "k": list(module.kernel_size),
+        "s": list(module.stride),
+        "p": list(module.padding),
+        "d": list(module.dilation),
+        "g": groups,
+        "hw": list(size),
+    }
+
+
+@torch.no_grad()
+def _record_calls(model: nn.Module, example: tuple) -> list[tuple[str, nn.Module, tuple]]:
+    """(fqn, module, input size past batch and channels) of every Conv/Linear call."""
+    calls, hooks = [], []
+    for fqn, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES) and not isinstance(module, nn.Conv1d | nn.Conv2d):
+            hooks.append(module.register_forward_hook(_hook(calls, fqn, lambda x: x.shape[1:-1])))
+        elif isinstance(module, PRUNABLE_TYPES):
+            hooks.append(module.register_forward_hook(_hook(calls, fqn, lambda x: x.shape[2:])))
+    training = model.training
+    model.eval()
+    try:
+        model(*example)
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def _hook(calls: list, fqn: str, size_of):
+    def hook(module, inputs, output):
+        calls.append((fqn, module, tuple(int(s) for s in size_of(inputs[0]))))
+
+    return hook
+
+
+class OrtLayerTimer:
+    """Times one layer shape as a single-node ONNX graph in onnxruntime (median of rounds)."""
+
+    def __init__(self, threads: int = THREADS, rounds: int = ROUNDS, clock=time.perf_counter):
+        self.threads, self.rounds, self.clock = threads, rounds, clock
+
+    def __call__(self, spec: Spec) -> float:
+        import numpy as np
+        import onnxruntime as ort
+
+        graph, input_shape = _single_layer_graph(spec)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        feed = {"x": np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)}
+        session.run(None, feed)  # the first run allocates
+        start = self.clock()
+        session.run(None, feed)
+        once = self.clock() - start
+        repeats = max(1, min(MAX_REPEATS, int(MIN_SAMPLE_S / once) if once > 0 else MAX_REPEATS))
+        samples = []
+        for _ in range(self.rounds):
+            start = self.clock()
+            for _ in range(repeats):
+                session.run(None, feed)
+            samples.append((self.clock() - start) * 1000.0 / repeats)
+        return statistics.median(samples)
+
+
+def _single_layer_graph(spec: Spec) -> tuple[bytes, list[int]]:
+    """A serialized one-node ONNX model of `spec` (random weights) and its input's shape."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if spec["op"] == "linear":
+        x_shape, w_shape = [spec["tokens"], spec["in"]], [spec["out"], spec["in"]]
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
+    else:
+        x_shape = [1, spec["in"], *spec["hw"]]
+        w_shape = [spec["out"], spec["in"] // spec["g"], *spec["k"]]
+        node = helper.make_node(
+            "Conv",
+            ["x", "w", "b"],
+            ["y"],
+            kernel_shape=spec["k"],
+            strides=spec["s"],
+            pads=list(spec["p"]) * 2,
+            dilations=spec["d"],
+            group=spec["g"],
+        )
+    weights = [
+        numpy_helper.from_array(rng.standard_normal(w_shape, dtype=np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(spec["out"], dtype=np.float32), "b"),
+    ]
+    graph = helper.make_graph(
+        [node],
+        "layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        weights,
+    )
+    # IR 8 / opset 17: what every onnxruntime since 1.14 reads
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return model.SerializeToString(), x_shape
