@@ -87,10 +87,14 @@ def next_factor(low: tuple, high: tuple | None, target: float, cap: float) -> fl
 
     None when the bracket has closed (or the cap is reached) and no probe can help.
     """
-    if high is None:  # nothing fast enough yet: scale up as if speed-up ~ factor
+    if high is None:  # nothing fast enough yet: extrapolate from the dense model
         if low[0] >= cap:
             return None
-        return min(cap, low[0] * max(1.1, target / max(low[1], 1e-3)))
+        slope = 1.0  # d log speed-up / d log factor; 1 would be speed-up == FLOP cut
+        if low[0] > 1.0 and low[1] > 0:
+            slope = min(1.0, max(0.25, math.log(low[1]) / math.log(low[0])))
+        step = (target / max(low[1], 1e-3)) ** (1.0 / slope)
+        return min(cap, low[0] * min(2.0, max(1.1, step)))  # at most doubling per probe
     if high[0] / low[0] < 1.005:
         return None
     a, b = math.log(low[0]), math.log(high[0])

@@ -25,7 +25,7 @@ def test_search_interpolates_to_the_target():
     assert found.speedup == pytest.approx(2.0, rel=0.01)
     assert found.factor == pytest.approx(2.0 ** (1 / 0.7), rel=0.02)  # 2.69x FLOPs
     assert found.payload == f"model at {found.factor:.3f}"
-    assert calls[0] == 2.0 and len(calls) <= 5
+    assert calls[0] == 2.0 and len(calls) <= 3  # the slope from the dense model: one step
     assert [p["factor"] for p in found.probes] == calls
 
 
