@@ -5,7 +5,6 @@ enough training to take the decision) or the full one (the same epochs for every
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 
@@ -19,6 +18,7 @@ from compressor.distill import train_loader
 from compressor.errors import CompressorError
 from compressor.methods import get_method, prune
 from compressor.methods.bar.slim import recalibrate_and_finetune_
+from compressor.methods.base import clone_model
 from compressor.methods.channel_magnitude import ChannelMagnitudeConfig
 from compressor.train import Distill
 
@@ -121,7 +121,7 @@ def finetune_tp_(model: nn.Module, dense: nn.Module, data, epochs: int) -> None:
     """Channel-magnitude's training after pruning, on Torch-Pruning's slimmed model. In place."""
     cfg = ChannelMagnitudeConfig(finetune_epochs=epochs)
     loader = train_loader(data, cfg.batch_size)
-    distill = Distill(copy.deepcopy(dense).eval(), cfg.temperature, cfg.alpha)
+    distill = Distill(clone_model(dense).eval(), cfg.temperature, cfg.alpha)
     recalibrate_and_finetune_(model, loader, cfg, distill)
 
 
