@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 
@@ -224,9 +223,18 @@ def context(setup: Setup, arch: str) -> Context:
     return Context(setup, arch, dense.eval(), data, probe_data, OrtTimer(example), example)
 
 
+def dense_cell(ctx: Context) -> dict:
+    """The dense model's row: top-1, FLOPs, params (its latency is in every other row)."""
+    stats = measure(ctx.dense, ctx.example)
+    row = {"model": ctx.arch, "method": "dense", "params": stats.params}
+    row["top-1 %"] = round(100 * evaluate(ctx.dense, ctx.data.test), 2)
+    return row | {"FLOPs x": 1.0, "MFLOPs": round(stats.flops / 1e6, 3)}
+
+
 def cells(setup: Setup):
     """(key, arch, kind, args) of every cell, in the order they run."""
     for arch in setup.archs:
+        yield f"{arch}/dense", arch, "dense", ()
         for target in setup.targets:
             for batch in setup.batches:
                 for name in setup.methods:
@@ -252,7 +260,8 @@ def run(setup: Setup, store: CellStore, make_context=context) -> list[dict]:
             if arch not in contexts:
                 contexts[arch] = make_context(setup, arch)
             start = time.perf_counter()
-            row = (main_cell if kind == "main" else align_cell)(contexts[arch], *args)
+            cell = {"dense": dense_cell, "main": main_cell, "align": align_cell}[kind]
+            row = cell(contexts[arch], *args)
             return row | {"kind": kind, "cell s": round(time.perf_counter() - start)}
 
         rows.append(store.run(key, compute) | {"key": key})
@@ -276,13 +285,11 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {lm.METHODS}")
     store = CellStore(OUT / ("latency-quick.json" if args.quick else "latency.json"))
-    start = time.perf_counter()
     try:
         rows = list(store.cells.values()) if args.report_only else run(setup, store)
     except lm.TorchPruningMissing as exc:
         raise SystemExit(f"Error: {exc}") from None
-    minutes = math.ceil((time.perf_counter() - start) / 60)
-    latency_report.write(rows, setup, quick=args.quick, machine=machine(), minutes=minutes)
+    latency_report.write(rows, setup, quick=args.quick, machine=machine())
 
 
 if __name__ == "__main__":

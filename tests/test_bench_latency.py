@@ -9,6 +9,7 @@ import pytest
 
 from bench import latency as bench
 from bench import latency_methods as lm
+from bench import latency_report as report
 from bench.latency_search import CellStore, FlopTimer, search_factor
 from compressor.stats import measure
 
@@ -84,14 +85,18 @@ def test_rerun_skips_finished_cells(tmp_path, monkeypatch):
         return {"method": name, "speed-up b32": target * 0.95}
 
     monkeypatch.setattr(bench, "main_cell", fake_cell)
+    monkeypatch.setattr(bench, "dense_cell", lambda ctx: computed.append("dense"))
     path = tmp_path / "cells.json"
+    dense = {"method": "dense", "top-1 %": 90.5, "kind": "dense"}
     finished = {"method": "channel-magnitude", "speed-up b32": 1.91, "kind": "main"}
-    path.write_text(json.dumps({"cells": {"lenet5/channel-magnitude/2x/b32": finished}}))
+    cells = {"lenet5/dense": dense, "lenet5/channel-magnitude/2x/b32": finished}
+    path.write_text(json.dumps({"cells": cells}))
 
     rows = bench.run(setup, CellStore(path), make_context=lambda setup, arch: None)
 
-    assert computed == [4.0]  # 2x was finished: only 4x ran
-    assert [r["speed-up b32"] for r in rows] == [1.91, 3.8]
+    assert computed == [4.0]  # the dense row and 2x were finished: only 4x ran
+    assert [r.get("speed-up b32") for r in rows] == [None, 1.91, 3.8]
+    assert rows[0]["top-1 %"] == 90.5
     stored = json.loads(path.read_text())["cells"]
     assert stored["lenet5/channel-magnitude/4x/b32"]["speed-up b32"] == 3.8
     assert stored["lenet5/channel-magnitude/2x/b32"] == finished
@@ -102,3 +107,14 @@ def test_missing_torch_pruning_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import now raises ImportError
     with pytest.raises(lm.TorchPruningMissing, match=r"pip install -e '\.\[bench\]'"):
         lm.require_torch_pruning()
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(10.0, 80.0), (5.0, 70.0), (7.0, 65.0), (12.0, 79.0), (5.0, 60.0), (20.0, 85.0)]
+    assert report.pareto(points) == [(5.0, 70.0), (10.0, 80.0), (20.0, 85.0)]
+
+
+def test_budget_column_names_each_rows_knob():
+    assert report.budget_column({"flops_request": 6.8268})["budget"] == "6.83x FLOPs"
+    assert report.budget_column({"pruning_ratio": 0.2929})["budget"] == "ratio 0.293"
+    assert report.budget_column({"latency_request": 2.0})["budget"] == "2x latency"
