@@ -269,6 +269,13 @@ def run(setup: Setup, store: CellStore, make_context=context) -> list[dict]:
     return rows
 
 
+def settings_of(setup: Setup) -> dict:
+    """The settings a cell's values depend on; archs, targets, batches and methods only
+    choose which cells run, so a run with fewer or more of them reuses the same file."""
+    chosen = ("archs", "targets", "batches", "methods", "flop_factors")
+    return {k: v for k, v in dataclasses.asdict(setup).items() if k not in chosen}
+
+
 def main() -> None:
     from bench import latency_report
 
@@ -284,10 +291,14 @@ def main() -> None:
         unknown = set(setup.methods) - set(lm.METHODS)
         if unknown:
             raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {lm.METHODS}")
-    store = CellStore(OUT / ("latency-quick.json" if args.quick else "latency.json"))
     try:
+        store = CellStore(OUT / f"latency{'-quick' * args.quick}.json", settings_of(setup))
+        if args.report_only and not store.cells:
+            raise CompressorError(
+                f"{store.path} holds no finished cells; run without --report-only"
+            )
         rows = list(store.cells.values()) if args.report_only else run(setup, store)
-    except lm.TorchPruningMissing as exc:
+    except CompressorError as exc:  # Torch-Pruning missing, a checkpoint of other settings
         raise SystemExit(f"Error: {exc}") from None
     latency_report.write(rows, setup, quick=args.quick, machine=machine())
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.errors import CompressorError
 from compressor.stats import measure
 
 DENSE = (1.0, 1.0)  # (factor, speed-up) of the dense model: the search's lower anchor
@@ -164,14 +165,23 @@ class CellStore:
     """Finished cells of a benchmark run, one JSON file, rewritten atomically after each cell.
 
     A rerun with the same file skips every finished cell, so a long run resumes where it
-    stopped (a crash leaves the old file or the new one, never half of one).
+    stopped (a crash leaves the old file or the new one, never half of one). `settings` are
+    what the cells' values depend on: a file written under other settings is refused rather
+    than mixed into a table with them.
     """
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, settings: dict | None = None):
+        self.path, self.settings = Path(path), settings or {}
         self.cells: dict[str, dict] = {}
         if self.path.exists():
-            self.cells = json.loads(self.path.read_text())["cells"]
+            stored = json.loads(self.path.read_text())
+            if stored.get("settings", {}) != json.loads(json.dumps(self.settings)):
+                raise CompressorError(
+                    f"{self.path} holds cells of a run with other settings "
+                    f"({stored.get('settings')}); move it away to start afresh, or run "
+                    "with the settings it was written with"
+                )
+            self.cells = stored["cells"]
 
     def run(self, key: str, compute: Callable[[], dict]) -> dict:
         """The stored row of `key`, or `compute()`'s, stored before it is returned."""
@@ -183,5 +193,6 @@ class CellStore:
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"cells": self.cells}, indent=1, default=str))
+        payload = {"settings": self.settings, "cells": self.cells}
+        tmp.write_text(json.dumps(payload, indent=1, default=str))
         os.replace(tmp, self.path)

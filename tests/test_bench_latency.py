@@ -11,6 +11,7 @@ from bench import latency as bench
 from bench import latency_methods as lm
 from bench import latency_report as report
 from bench.latency_search import CellStore, FlopTimer, search_factor
+from compressor.errors import CompressorError
 from compressor.stats import measure
 
 
@@ -118,3 +119,12 @@ def test_budget_column_names_each_rows_knob():
     assert report.budget_column({"flops_request": 6.8268})["budget"] == "6.83x FLOPs"
     assert report.budget_column({"pruning_ratio": 0.2929})["budget"] == "ratio 0.293"
     assert report.budget_column({"latency_request": 2.0})["budget"] == "2x latency"
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
+    path = tmp_path / "cells.json"
+    quick = bench.settings_of(bench.QUICK)
+    CellStore(path, quick).run("resnet20/dense", lambda: {"top-1 %": 45.9})
+    assert CellStore(path, quick).cells == {"resnet20/dense": {"top-1 %": 45.9}}
+    with pytest.raises(CompressorError, match=r"cells\.json holds cells of a run with other"):
+        CellStore(path, bench.settings_of(bench.Setup()))
