@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.latency --quick        # smoke run: ResNet-20, 2x, batch 32
     .venv/bin/python -m bench.latency                # the benchmark (hours; a quiet machine)
     .venv/bin/python -m bench.latency --report-only  # tables and plots from the checkpoint
+    .venv/bin/python -m bench.latency --archs resnet56 --methods BAR-mixed,Torch-Pruning
 
 ResNet-20, ResNet-56 (width 1) and the zoo MobileNetV2 on Fashion-MNIST, one dense model
 per architecture (the same data and epochs for all), then per speed-up target (2x, 3x, 4x)
@@ -276,6 +277,19 @@ def settings_of(setup: Setup) -> dict:
     return {k: v for k, v in dataclasses.asdict(setup).items() if k not in chosen}
 
 
+def narrowed(setup: Setup, **subsets: str | None) -> Setup:
+    """`setup` with comma-separated subsets of its archs / methods (the rest keep theirs)."""
+    for field, given in subsets.items():
+        if given:
+            allowed = getattr(Setup, field)
+            chosen = tuple(given.split(","))
+            unknown = sorted(set(chosen) - set(allowed))
+            if unknown:
+                raise InputError(f"unknown {field} {unknown}; choose from {','.join(allowed)}")
+            setup = dataclasses.replace(setup, **{field: chosen})
+    return setup
+
+
 def main() -> None:
     from bench import latency_report
 
@@ -283,14 +297,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run (ResNet-20, 2x, b32)")
     parser.add_argument("--report-only", action="store_true", help="tables from the checkpoint")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(lm.METHODS)}")
+    parser.add_argument("--archs", help=f"comma-separated subset of {','.join(Setup.archs)}")
     args = parser.parse_args()
     torch.set_num_threads(1)  # a shared machine: more threads only contend
-    setup = QUICK if args.quick else Setup()
-    if args.methods:
-        setup = dataclasses.replace(setup, methods=tuple(args.methods.split(",")))
-        unknown = set(setup.methods) - set(lm.METHODS)
-        if unknown:
-            raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {lm.METHODS}")
+    try:
+        setup = narrowed(QUICK if args.quick else Setup(), archs=args.archs, methods=args.methods)
+    except InputError as exc:
+        parser.error(str(exc))  # exit 2: bad usage
     try:
         store = CellStore(OUT / f"latency{'-quick' * args.quick}.json", settings_of(setup))
         if args.report_only and not store.cells:

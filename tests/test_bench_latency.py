@@ -11,7 +11,7 @@ from bench import latency as bench
 from bench import latency_methods as lm
 from bench import latency_report as report
 from bench.latency_search import CellStore, FlopTimer, search_factor
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, InputError
 from compressor.stats import measure
 
 
@@ -128,3 +128,11 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     assert CellStore(path, quick).cells == {"resnet20/dense": {"top-1 %": 45.9}}
     with pytest.raises(CompressorError, match=r"cells\.json holds cells of a run with other"):
         CellStore(path, bench.settings_of(bench.Setup()))
+
+
+def test_narrowed_runs_a_subset_and_names_unknown_choices():
+    setup = bench.narrowed(bench.Setup(), archs="resnet56", methods="BAR-mixed,Torch-Pruning")
+    assert setup.archs == ("resnet56",) and setup.methods == ("BAR-mixed", "Torch-Pruning")
+    assert bench.settings_of(setup) == bench.settings_of(bench.Setup())  # one checkpoint
+    with pytest.raises(InputError, match=r"unknown methods \['BAR'\]; choose from BAR-mixed,"):
+        bench.narrowed(bench.Setup(), methods="BAR,BAR-tied")
