@@ -46,7 +46,7 @@ SPEC = "fashion-mnist"
 
 @dataclass(frozen=True)
 class Setup:
-    """Everything a run depends on; the checkpoint is only reused under the same setup."""
+    """A run's configuration; a checkpoint is reused only under the same `settings_of`."""
 
     archs: tuple[str, ...] = ("resnet20", "resnet56", "mobilenetv2")
     targets: tuple[float, ...] = (2.0, 3.0, 4.0)  # measured speed-ups (issue 17 item 5)
