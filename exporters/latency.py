@@ -87,10 +87,29 @@ def measure_latency(
         InputError: threads or a batch size below 1.
         CompressorError: a model does not export to ONNX or onnxruntime cannot run it.
     """
-    if threads < 1 or any(b < 1 for b in batches):
-        raise InputError(f"latency threads {threads} and batch sizes {list(batches)} must be >= 1")
-    sessions = {name: _session(_graph(model, example), threads) for name, model in models.items()}
-    out: dict[str, dict[str, float]] = {name: {} for name in models}
+    _check_settings(threads, batches)  # before exporting anything
+    graphs = {name: onnx_graph(model, example) for name, model in models.items()}
+    return measure_graphs(graphs, example, threads=threads, batches=batches, rounds=rounds)
+
+
+def onnx_graph(model: nn.Module, example: tuple[torch.Tensor, ...]) -> bytes:
+    """The serialised ONNX graph that `measure_latency` times (dynamic batch axis)."""
+    return _graph(model, example)
+
+
+def measure_graphs(
+    graphs: Mapping[str, bytes],
+    example: tuple[torch.Tensor, ...],
+    *,
+    threads: int = THREADS,
+    batches: Sequence[int] = BATCHES,
+    rounds: int = ROUNDS,
+) -> dict[str, dict[str, float]]:
+    """`measure_latency` on graphs exported once (`onnx_graph`), so a caller timing one
+    baseline against many candidates exports the baseline only once."""
+    _check_settings(threads, batches)
+    sessions = {name: _session(graph, threads) for name, graph in graphs.items()}
+    out: dict[str, dict[str, float]] = {name: {} for name in graphs}
     for batch in batches:
         feeds = {name: _feed(session, example, batch) for name, session in sessions.items()}
         runners = {name: _runner(sessions[name], feeds[name], batch) for name in sessions}
@@ -103,6 +122,11 @@ def measure_latency(
 def speedup(dense: Mapping[str, float], pruned: Mapping[str, float]) -> dict[str, float]:
     """dense / pruned per batch size."""
     return {batch: dense[batch] / pruned[batch] for batch in dense}
+
+
+def _check_settings(threads: int, batches: Sequence[int]) -> None:
+    if threads < 1 or any(b < 1 for b in batches):
+        raise InputError(f"latency threads {threads} and batch sizes {list(batches)} must be >= 1")
 
 
 def _graph(model: nn.Module, example: tuple[torch.Tensor, ...]) -> bytes:

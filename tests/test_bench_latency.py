@@ -1,0 +1,138 @@
+"""bench.latency's machinery: the speed-up search on a fake timer, and the per-cell resume."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from bench import latency as bench
+from bench import latency_methods as lm
+from bench import latency_report as report
+from bench.latency_search import CellStore, FlopTimer, search_factor
+from compressor.errors import CompressorError, InputError
+from compressor.stats import measure
+
+
+def test_search_interpolates_to_the_target():
+    calls = []
+
+    def probe(factor):  # speed-up grows slower than the FLOP cut, as on a real runtime
+        calls.append(factor)
+        return factor**0.7, f"model at {factor:.3f}"
+
+    found = search_factor(probe, 2.0, tolerance=0.01, steps=8)
+    assert found.met
+    assert found.speedup == pytest.approx(2.0, rel=0.01)
+    assert found.factor == pytest.approx(2.0 ** (1 / 0.7), rel=0.02)  # 2.69x FLOPs
+    assert found.payload == f"model at {found.factor:.3f}"
+    assert calls[0] == 2.0 and len(calls) <= 3  # the slope from the dense model: one step
+    assert [p["factor"] for p in found.probes] == calls
+
+
+def test_search_backs_off_from_failed_probes_and_reports_a_miss():
+    def probe(factor):  # pruning beyond 3x fails; 3x gives only 1.5x
+        return (None, None) if factor > 3.0 else (factor / 2, factor)
+
+    found = search_factor(probe, 2.0, tolerance=0.05, steps=6)
+    assert not found.met
+    assert found.factor <= 3.0 and found.speedup == found.factor / 2
+    assert any(p["speedup"] is None for p in found.probes)
+
+
+@pytest.fixture()
+def fake_context(lenet5_digits, small_digits, monkeypatch):
+    """LeNet-5 on digits, timed by a deterministic FLOP timer; the FLOP-search path forced
+    (the toolkit may grow a latency metric, which would skip the search)."""
+    monkeypatch.setattr(lm, "takes_latency", lambda method: False)
+    model = lenet5_digits
+    example = (small_digits.sample_inputs(2),)
+    mflops = measure(model, example).flops / 1e6
+    # a fixed cost of a third of the dense batch-32 time: 2x FLOPs gives only ~1.5x
+    timer = FlopTimer(example, overhead_ms=32 * mflops / 3, ms_per_mflop=1.0)
+    setup = bench.Setup(epochs=0, probe_steps=6, final_steps=2, limit=None)
+    ctx = bench.Context(setup, "lenet5", model.eval(), small_digits, small_digits, timer, example)
+    return ctx, timer
+
+
+def test_main_cell_meets_a_measured_speedup_on_a_fake_timer(fake_context):
+    ctx, timer = fake_context
+    row = bench.main_cell(ctx, "channel-magnitude", 2.0, 32, 1)
+    assert row["path"] == "FLOP search" and row["met"] is True
+    assert row["speed-up b32"] == pytest.approx(2.0, rel=0.10)
+    # the overhead makes the speed-up trail the FLOP cut: the search had to go past 2x
+    assert row["FLOPs x"] > 2.2
+    # the row's speed-up is the fake timer's formula on the row's own FLOPs
+    dense_ms = timer.ms(ctx.dense, (32,))["32"]
+    assert row["speed-up b32"] == pytest.approx(
+        dense_ms / (timer.overhead + row["MFLOPs"] * 32), rel=1e-3
+    )
+    assert row["probes"] + row["runs"] == timer.calls
+
+
+def test_rerun_skips_finished_cells(tmp_path, monkeypatch):
+    setup = bench.Setup(
+        archs=("lenet5",),
+        targets=(2.0, 4.0),
+        batches=(32,),
+        methods=("channel-magnitude",),
+        flop_factors=(),
+    )
+    computed = []
+
+    def fake_cell(ctx, name, target, batch, align):
+        computed.append(target)
+        return {"method": name, "speed-up b32": target * 0.95}
+
+    monkeypatch.setattr(bench, "main_cell", fake_cell)
+    monkeypatch.setattr(bench, "dense_cell", lambda ctx: computed.append("dense"))
+    path = tmp_path / "cells.json"
+    dense = {"method": "dense", "top-1 %": 90.5, "kind": "dense"}
+    finished = {"method": "channel-magnitude", "speed-up b32": 1.91, "kind": "main"}
+    cells = {"lenet5/dense": dense, "lenet5/channel-magnitude/2x/b32": finished}
+    path.write_text(json.dumps({"cells": cells}))
+
+    rows = bench.run(setup, CellStore(path), make_context=lambda setup, arch: None)
+
+    assert computed == [4.0]  # the dense row and 2x were finished: only 4x ran
+    assert [r.get("speed-up b32") for r in rows] == [None, 1.91, 3.8]
+    assert rows[0]["top-1 %"] == 90.5
+    stored = json.loads(path.read_text())["cells"]
+    assert stored["lenet5/channel-magnitude/4x/b32"]["speed-up b32"] == 3.8
+    assert stored["lenet5/channel-magnitude/2x/b32"] == finished
+    assert bench.run(setup, CellStore(path), make_context=None) == rows and computed == [4.0]
+
+
+def test_missing_torch_pruning_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import now raises ImportError
+    with pytest.raises(lm.TorchPruningMissing, match=r"pip install -e '\.\[bench\]'"):
+        lm.require_torch_pruning()
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(10.0, 80.0), (5.0, 70.0), (7.0, 65.0), (12.0, 79.0), (5.0, 60.0), (20.0, 85.0)]
+    assert report.pareto(points) == [(5.0, 70.0), (10.0, 80.0), (20.0, 85.0)]
+
+
+def test_budget_column_names_each_rows_knob():
+    assert report.budget_column({"flops_request": 6.8268})["budget"] == "6.83x FLOPs"
+    assert report.budget_column({"pruning_ratio": 0.2929})["budget"] == "ratio 0.293"
+    assert report.budget_column({"latency_request": 2.0})["budget"] == "2x latency"
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
+    path = tmp_path / "cells.json"
+    quick = bench.settings_of(bench.QUICK)
+    CellStore(path, quick).run("resnet20/dense", lambda: {"top-1 %": 45.9})
+    assert CellStore(path, quick).cells == {"resnet20/dense": {"top-1 %": 45.9}}
+    with pytest.raises(CompressorError, match=r"cells\.json holds cells of a run with other"):
+        CellStore(path, bench.settings_of(bench.Setup()))
+
+
+def test_narrowed_runs_a_subset_and_names_unknown_choices():
+    setup = bench.narrowed(bench.Setup(), archs="resnet56", methods="BAR-mixed,Torch-Pruning")
+    assert setup.archs == ("resnet56",) and setup.methods == ("BAR-mixed", "Torch-Pruning")
+    assert bench.settings_of(setup) == bench.settings_of(bench.Setup())  # one checkpoint
+    with pytest.raises(InputError, match=r"unknown methods \['BAR'\]; choose from BAR-mixed,"):
+        bench.narrowed(bench.Setup(), methods="BAR,BAR-tied")
