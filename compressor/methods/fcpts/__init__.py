@@ -13,6 +13,15 @@ each layer's threshold) so that the global count of zeros is exactly round(r0 * 
 
 `reconstruct="obs"` (ours) keeps only the per-layer counts of that step: the dense weights
 come back and SparseGPT's layer solve (`sparsegpt`) prunes each layer to its count.
+
+With `--pattern` (compressor/pattern_masks.py) training is unchanged and the exact step
+ranks groups instead of weights, on the same threshold units: a weight's score is
+|w| / t_l, a block's the sum over its weights (ranked over all layers, kept to the
+budget's count in whole blocks); an N:M group keeps its N largest |w| / t_l, on the layers
+that lose the least |w| / t_l per pruned weight. No common factor on the thresholds
+expresses a group ranking, so such a report has no `offset` (None) and the final
+thresholds are the learned ones. With "obs", SparseGPT keeps the pattern (its own
+saliency per group) on the layers and counts this step chose.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from compressor.methods.fcpts.bridge import DENSITIES, layer_sparsity
 from compressor.methods.fcpts.recon import ReconstructionConfig, ReconstructionMethod
 from compressor.methods.magnitude import erk_counts
 from compressor.methods.sparsegpt import SparseGpt
+from compressor.pattern_masks import select_masks
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -231,7 +241,12 @@ class Fcpts(ReconstructionMethod):
         learned = self.allocation(learned_t)
         weights = {f: weight_of(m).detach() for f, m in self.layers.items()}
         keep_total = round(self.budget.keep * self.total)
-        masks, factor, ties = exact_masks(weights, learned_t, keep_total, self.floors(keep_total))
+        floors = self.floors(keep_total)
+        if self.pattern is None:
+            masks, factor, ties = exact_masks(weights, learned_t, keep_total, floors)
+        else:
+            ratios = {f: w.abs().double() / learned_t[f] for f, w in weights.items()}
+            masks, factor, ties = select_masks(self, ratios, keep_total, floors), None, 0
         for fqn, module in self.layers.items():
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
             # removal re-registers `weight` last; restore the order so the state_dict's
@@ -254,12 +269,18 @@ class Fcpts(ReconstructionMethod):
         self.model.load_state_dict(self.teacher.state_dict())
         zeros = {f: self.sizes[f] - int(mask.sum()) for f, mask in masks.items()}
         cfg = self.config
-        solver = SparseGpt(self.model, self.budget, exclude=cfg.exclude, batch_size=cfg.batch_size)
+        solver = SparseGpt(
+            self.model,
+            self.budget,
+            exclude=cfg.exclude,
+            batch_size=cfg.batch_size,
+            pattern=cfg.pattern,
+        )
         device = next(self.model.parameters()).device
         solver.prune_(self.obs_inputs.to(device), zeros)
         return solver.solved
 
-    def _report(self, learned: dict, learned_t: dict, masks: dict, factor: float, ties: int):
+    def _report(self, learned: dict, learned_t: dict, masks: dict, factor: float | None, ties):
         final = {f: 1.0 - int(mask.sum()) / self.sizes[f] for f, mask in masks.items()}
         learned_global = sum(learned[f] * self.sizes[f] for f in learned) / self.total
         return {
@@ -267,8 +288,10 @@ class Fcpts(ReconstructionMethod):
             "learned_sparsity": learned_global,
             "thresholds": {
                 "learned": learned_t,
-                "final": {f: t * factor for f, t in learned_t.items()},
+                "final": learned_t
+                if factor is None
+                else {f: t * factor for f, t in learned_t.items()},
             },
-            "offset": factor - 1.0,
+            "offset": None if factor is None else factor - 1.0,
             "ties_broken_by_position": ties,
         } | self.loss_report()

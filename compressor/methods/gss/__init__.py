@@ -21,6 +21,9 @@ structured variant removes whole channels to a FLOP budget and physically slims 
 Baselines are GSS configurations of the same method (`--set regulariser=...`, the
 supplement's Table 1; see `gss.reg`): lasso, l2, exclusive-lasso (each neuron's incoming
 weights as a group), group-lasso (each neuron's incoming and outgoing weights as a group).
+
+`--pattern` (element variant, prune=budget): the ranked cut's scores summed per block, or
+the top-N of every N:M group on the layers that lose least (gss.prune.pattern_element_masks).
 """
 
 from __future__ import annotations
@@ -261,7 +264,10 @@ class Gss(Method):
     def _mask_weights(self) -> None:
         keep = None if self.config.prune == "threshold" else self.budget.keep
         cfg = self.config
-        masks = gss_prune.element_masks(self.layers, keep, cfg.ratio, cfg.rank, self.floors)
+        if self.pattern is not None:  # the ranked cut, per block or N:M group
+            masks = gss_prune.pattern_element_masks(self, cfg.rank)
+        else:
+            masks = gss_prune.element_masks(self.layers, keep, cfg.ratio, cfg.rank, self.floors)
         if keep is not None:
             official = gss_prune.element_masks(self.layers, None, self.config.ratio)
             kept = sum(int(m.sum()) for m in official.values())
@@ -345,6 +351,8 @@ def _check_config(cfg: GssConfig, budget: Budget) -> str:
             raise InputError(
                 f"gss: {field} {getattr(cfg, field)!r}; choose one of {', '.join(allowed)}"
             )
+    if cfg.pattern is not None and cfg.prune == "threshold":
+        raise InputError(f"gss: --pattern {cfg.pattern} needs prune=budget (the ranked cut)")
     if (cfg.p > 0) != (cfg.q > 0) or cfg.p < 0 or cfg.q < 0:
         raise InputError("gss: give both --p and --q (> 0) for the auxiliary form, or neither")
     if cfg.lambda_ < 0 or cfg.ratio <= 0 or cfg.eps < 0:
