@@ -76,3 +76,16 @@ def test_fcpts_obs_keeps_the_pattern_through_the_sparsegpt_solve(text, small_dig
     assert_pattern(result.model, result.report, text)
     assert result.report["offset"] is None
     assert set(result.report["obs"]["relative_error"]) == set(prunable_layers(result.model))
+
+
+def test_fcpts_thresholds_act_on_blocks_while_training():
+    """With RxC the reconstruction already sees block masks, at the ERK start's sparsity."""
+    torch.manual_seed(0)
+    fcpts = get_method("fcpts")(PatternNet(), Budget("weights", 0.2), pattern="4x1")
+    fcpts.prepare()
+    pattern = parse_pattern("4x1")
+    for fqn, module in fcpts.layers.items():
+        assert holds(module.weight, pattern), fqn
+    zeros = sum(int((m.weight == 0).sum()) for m in fcpts.layers.values())
+    assert abs(zeros / fcpts.total - 0.8) < 0.02
+    assert abs(float(fcpts.global_sparsity().detach()) - zeros / fcpts.total) < 0.02
