@@ -16,9 +16,9 @@ scores go through `pattern_masks` instead of the per-weight top-k (masks.global_
   the next. Then one more layer is patterned if that lands nearer the target (so asking
   for 0.5 with 2:4 patterns every eligible layer even when one small layer is not). Every
   other layer stays dense: the zeros are the target rounded to whole layers, and when
-  that misses the 0.5 % tolerance the budget check names the sparsities whole layers
-  reach (`nm_reach`). N >= 1 kept per group keeps every
-  row alive, so no floor is needed.
+  that misses the 0.5 % tolerance the budget check names the sparsity whole layers reach
+  (`nm_reach`, `pattern_hint`). N >= 1 kept per group keeps every row alive, so N:M needs
+  no floor.
 """
 
 from __future__ import annotations
@@ -269,6 +269,6 @@ def pattern_hint(report: dict) -> str:
         return ""
     return (
         f"; {report['pattern']} fixes each patterned layer's sparsity and leaves the rest "
-        f"dense, so the nearest whole layers reach is sparsity {reach['sparsity']:.4f} "
+        f"dense, so whole layers reach sparsity {reach['sparsity']:.4f} nearest the request "
         f"(at most {reach['max']:.4f} on this model): ask for that"
     )

@@ -122,7 +122,9 @@ def test_nm_at_04_patterns_the_least_lossy_layers_and_leaves_the_rest_dense():
 
 def test_nm_between_whole_layers_fails_naming_the_reachable_sparsity():
     torch.manual_seed(0)
-    with pytest.raises(TargetNotReachedError, match=r"reach is sparsity 0\.4000 \(at most 0\.5000"):
+    with pytest.raises(
+        TargetNotReachedError, match=r"reach sparsity 0\.4000 nearest the request \(at most 0\.5000"
+    ):
         prune(EqualLayers(), "magnitude-global", 0.45, pattern="2:4")
 
 
@@ -172,3 +174,16 @@ def test_cli_prunes_to_blocks_and_reports_them(run, tmp_path, lenet5_pt2):
     assert_pattern(model, written, "1x4")
     assert written["config"]["pattern"] == "1x4"
     assert abs(written["achieved"]["sparsity"] - 0.9) < 1e-4
+
+
+def test_cli_nm_target_between_whole_layers_exits_1_naming_the_reach(run, tmp_path, lenet5_pt2):
+    """LeNet-5's 400k-weight fc1 dominates: 2:4 reaches 3.5 % or 49.9 %, not 40 %."""
+    out = tmp_path / "o.pt2"
+    result = run(
+        "prune", lenet5_pt2, "-m", "magnitude-global", "--sparsity", "0.4", "--pattern", "2:4",
+        "--data", "digits", "-o", out,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "2:4 fixes each patterned layer's sparsity" in result.output
+    assert "(at most 0.4994 on this model)" in result.output
+    assert "Traceback" not in result.output and not out.exists()
