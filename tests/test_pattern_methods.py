@@ -89,3 +89,19 @@ def test_fcpts_thresholds_act_on_blocks_while_training():
     zeros = sum(int((m.weight == 0).sum()) for m in fcpts.layers.values())
     assert abs(zeros / fcpts.total - 0.8) < 0.02
     assert abs(float(fcpts.global_sparsity().detach()) - zeros / fcpts.total) < 0.02
+
+
+def test_sparsegpt_nm_layer_choice_leaves_batchnorm_statistics_alone():
+    """The extra pass that ranks layers for N:M runs in eval mode, as the solve's passes."""
+    from torch import nn
+
+    from tests.models import conv_bn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(conv_bn(3, 8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 8)).train()
+    stats = model[0][1].running_mean.clone()
+    solver = get_method("sparsegpt")(model, Budget("weights", 0.5), pattern="2:4")
+    solver.prune_(torch.randn(32, 3, 8, 8))
+    assert torch.equal(model[0][1].running_mean, stats)
+    assert model.training  # given back in the mode it came in
+    assert holds(model[3].weight, parse_pattern("2:4"))

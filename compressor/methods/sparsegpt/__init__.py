@@ -213,11 +213,11 @@ class SparseGpt(Method):
     def prune_(self, inputs: torch.Tensor, zeros: dict[str, int] | None = None) -> None:
         """Prunes the model in place on calibration `inputs` (default: `layer_zeros()`)."""
         cfg = self.config
-        if zeros is None and self.pattern is not None and self.pattern.kind == "nm":
-            zeros = self.nm_layer_zeros(inputs)
-        zeros = zeros if zeros is not None else self.layer_zeros()
         training = self.model.training
         self.model.eval()
+        if zeros is None and self.pattern is not None and self.pattern.kind == "nm":
+            zeros = self.nm_layer_zeros(inputs)  # on the eval-mode model, as every pass here
+        zeros = zeros if zeros is not None else self.layer_zeros()
         order, once = call_profile(self.model, self.layers, inputs, cfg.batch_size)
         errors, uncalibrated = {}, []
         if not cfg.sequential:  # every layer sees the dense model's inputs: one pass
