@@ -275,12 +275,30 @@ METHOD_FLAGS = (
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Weight learning rate."),
     click.option("--batch-size", type=click.IntRange(min=1), help="Batch size."),
     click.option(
+        "--pattern",
+        callback=lambda ctx, param, value: _check_pattern(value),
+        help="Sparsity pattern: N:M (e.g. 2:4) or RxC blocks (e.g. 1x4); unstructured methods.",
+    ),
+    click.option(
         "--allow-layer-collapse",
         is_flag=True,
         default=None,
         help="Accept layers left with no weight (by default every layer keeps a few).",
     ),
 )
+
+
+def _check_pattern(value: str | None) -> str | None:
+    """--pattern refused before any loading when malformed (exit 2, the parser's message)."""
+    if value is not None:
+        from compressor.errors import InputError
+        from compressor.patterns import parse_pattern
+
+        try:
+            parse_pattern(value)
+        except InputError as exc:
+            raise click.BadParameter(str(exc), param_hint="--pattern") from None
+    return value
 
 
 def method_options(fn):

@@ -843,3 +843,37 @@ class ConvBnPatternNet(nn.Module):
         x = torch.relu(self.block2(x))
         x = torch.relu(self.block3(x))
         return self.head(x.mean(dim=(2, 3)))
+
+
+# --- branch patterns-masks: N:M / RxC pattern pruning ------------------------------------
+
+
+class PatternNet(nn.Module):
+    """A digits (1x8x8) CNN whose layers cover the pattern cases: conv1's 9 columns take no
+    N:M and leave partial 1x4 blocks, conv2's 72 columns take 2:4 and 4:8, the classifier's
+    10 rows leave partial 4x1 blocks."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = nn.functional.adaptive_avg_pool2d(torch.relu(self.conv2(x)), 2).flatten(1)
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class EqualLayers(nn.Module):
+    """Five 32x32 Linear layers: 2:4 prunes 512 weights of each, so sparsity 0.4 is four
+    layers exactly (the fifth stays dense)."""
+
+    def __init__(self, width: int = 32, depth: int = 5):
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)

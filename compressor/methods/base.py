@@ -37,6 +37,7 @@ from compressor.masks import (
     weight_of,
 )
 from compressor.outputs import check_task_output, task_output
+from compressor.pattern_masks import method_pattern, pattern_hint, pattern_report
 from compressor.stats import sparsity_of
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class MethodConfig:
     # A layer left with no weight makes the output constant: a floor per layer prevents it
     # (masks.layer_floors) and prune() fails on an emptied layer, unless this is True.
     allow_layer_collapse: bool = False
+    pattern: str | None = None  # "N:M" or "RxC" (compressor/pattern_masks.py); None: any weights
 
 
 @dataclass
@@ -131,6 +133,7 @@ class Method:
         self.budget = budget
         self.config = _with_overrides(config or self.Config(), overrides, self.name)
         self.layers = prunable_layers(model, self.config.exclude)
+        self.pattern = method_pattern(self)
         if not self.layers:
             raise InputError(
                 f"{type(model).__name__} has no prunable Conv/Linear layers"
@@ -201,7 +204,7 @@ class Method:
             else {},
             "achieved": {"sparsity": zeros / total, "zeros": zeros, "total": total},
             "layers": [_layer_row(fqn, m) for fqn, m in self.layers.items()],
-        }
+        } | pattern_report(self)
 
 
 class MaskMethod(Method):
@@ -263,7 +266,8 @@ def check_target(report: dict, budget: Budget) -> None:
         )
     if abs(achieved - budget.keep) > TARGET_TOLERANCE + 1e-12:
         # the message carries the why: a failed run writes no report to look in
-        why = report.get("miss") or "the method recorded no reason"
+        hint = pattern_hint(report)
+        why = hint[2:] if hint else report.get("miss") or "the method recorded no reason"
         raise TargetNotReachedError(
             f"{report['method']}: asked for {budget.describe()} but reached keep fraction "
             f"{achieved:.4f} (target {budget.keep:.4f}): {why}"

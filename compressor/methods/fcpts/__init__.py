@@ -13,6 +13,18 @@ each layer's threshold) so that the global count of zeros is exactly round(r0 * 
 
 `reconstruct="obs"` (ours) keeps only the per-layer counts of that step: the dense weights
 come back and SparseGPT's layer solve (`sparsegpt`) prunes each layer to its count.
+
+With `--pattern` (compressor/pattern_masks.py) the exact step ranks groups instead of
+weights, on the same threshold units: a weight's score is |w| / t_l, a block's the sum over
+its weights (ranked over all layers, kept to the budget's count in whole blocks); an N:M
+group keeps its N largest |w| / t_l, on the layers that lose the least |w| / t_l per pruned
+weight. With RxC blocks the thresholds act on blocks from the start: each block's mean |w|
+takes the place of a weight's |w| in the mask (`block_magnitudes`), the ERK start and the
+bridge (its density is the block means'), so the reconstruction trains the weights under
+block masks. N:M trains per weight (which layers carry it is decided at the end). No common factor on the thresholds
+expresses a group ranking, so such a report has no `offset` (None) and the final
+thresholds are the learned ones. With "obs", SparseGPT keeps the pattern (its own
+saliency per group) on the layers and counts this step chose.
 """
 
 from __future__ import annotations
@@ -33,6 +45,8 @@ from compressor.methods.fcpts.bridge import DENSITIES, layer_sparsity
 from compressor.methods.fcpts.recon import ReconstructionConfig, ReconstructionMethod
 from compressor.methods.magnitude import erk_counts
 from compressor.methods.sparsegpt import SparseGpt
+from compressor.pattern_masks import select_masks
+from compressor.patterns import Pattern, expand_units, group_sums, unit_sizes
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -64,16 +78,29 @@ class ThresholdMask(nn.Module):
     gets none from the reconstruction either; it moves through the control loss only.
     """
 
-    def __init__(self, score: float, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        score: float,
+        device: torch.device | str | None = None,
+        pattern: Pattern | None = None,
+    ):
         super().__init__()
         self.score = nn.Parameter(torch.tensor(float(score), device=device))
+        self.pattern = pattern  # RxC: whole blocks by their mean |w|
 
     def threshold(self) -> torch.Tensor:
         return torch.sigmoid(self.score)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        keep = weight.detach().abs() >= self.threshold().detach()
-        return weight * keep
+        if self.pattern is None:
+            return weight * (weight.detach().abs() >= self.threshold().detach())
+        means = block_magnitudes(weight, self.pattern)
+        return weight * expand_units(means >= self.threshold().detach(), weight.shape, self.pattern)
+
+
+def block_magnitudes(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Each block's mean |w| (edge blocks over their real weights): a block's magnitude."""
+    return group_sums(weight.detach().abs(), pattern) / unit_sizes(weight.shape, pattern)
 
 
 def initial_score(weight: torch.Tensor, zeros: int, s_min: float, s_max: float) -> float:
@@ -161,11 +188,20 @@ class Fcpts(ReconstructionMethod):
         counts = erk_counts(self.layers, self.budget.sparsity, self.budget.keep, self.floors)
         self.erk = {f: 1.0 - counts[f] / self.sizes[f] for f in self.layers}
         self._order = {f: list(m._parameters) for f, m in self.layers.items()}
+        blocks = self.pattern if self.pattern is not None and self.pattern.kind == "block" else None
         for fqn, module in self.layers.items():
-            zeros = self.sizes[fqn] - counts[fqn]
-            score = initial_score(weight_of(module), zeros, self.config.s_min, self.config.s_max)
-            mask = ThresholdMask(score, weight_of(module).device)
+            values = self.magnitudes(fqn)
+            zeros = round((self.sizes[fqn] - counts[fqn]) * values.numel() / self.sizes[fqn])
+            score = initial_score(values, zeros, self.config.s_min, self.config.s_max)
+            mask = ThresholdMask(score, weight_of(module).device, blocks)
             parametrize.register_parametrization(module, "weight", mask)
+
+    def magnitudes(self, fqn: str) -> torch.Tensor:
+        """What layer `fqn`'s threshold compares: |w|, or with RxC blocks the block means."""
+        weight = weight_of(self.layers[fqn])
+        if self.pattern is None or self.pattern.kind != "block":
+            return weight
+        return block_magnitudes(weight, self.pattern)
 
     def _masks(self) -> dict[str, ThresholdMask]:
         return {f: m.parametrizations.weight[0] for f, m in self.layers.items()}
@@ -181,7 +217,7 @@ class Fcpts(ReconstructionMethod):
         for fqn, threshold in self.thresholds().items():
             r = layer_sparsity(
                 threshold,
-                weight_of(self.layers[fqn]),
+                self.magnitudes(fqn),
                 cfg.density,
                 bins=cfg.bins,
                 kde_points=cfg.kde_points,
@@ -205,11 +241,13 @@ class Fcpts(ReconstructionMethod):
         ]
 
     def allocation(self, thresholds: dict[str, float]) -> dict[str, float]:
-        """Per-layer sparsity `mean(|W_l| < t_l)` at the given thresholds."""
-        return {
-            f: int((weight_of(m).detach().abs() < thresholds[f]).sum()) / self.sizes[f]
-            for f, m in self.layers.items()
-        }
+        """Per-layer sparsity `mean(|W_l| < t_l)` at the given thresholds (blocks: the share
+        of weights in blocks whose mean |w| is below t_l)."""
+        below = {f: self.magnitudes(f).detach().abs() < thresholds[f] for f in self.layers}
+        if self.pattern is not None and self.pattern.kind == "block":
+            shapes = {f: weight_of(m).shape for f, m in self.layers.items()}
+            below = {f: expand_units(b, shapes[f], self.pattern) for f, b in below.items()}
+        return {f: int(b.sum()) / self.sizes[f] for f, b in below.items()}
 
     def run(self, data: Data | None) -> Result:
         """The whole schedule; with `reconstruct="obs"` the calibration inputs are kept for
@@ -231,7 +269,12 @@ class Fcpts(ReconstructionMethod):
         learned = self.allocation(learned_t)
         weights = {f: weight_of(m).detach() for f, m in self.layers.items()}
         keep_total = round(self.budget.keep * self.total)
-        masks, factor, ties = exact_masks(weights, learned_t, keep_total, self.floors(keep_total))
+        floors = self.floors(keep_total)
+        if self.pattern is None:
+            masks, factor, ties = exact_masks(weights, learned_t, keep_total, floors)
+        else:
+            ratios = {f: w.abs().double() / learned_t[f] for f, w in weights.items()}
+            masks, factor, ties = select_masks(self, ratios, keep_total, floors), None, 0
         for fqn, module in self.layers.items():
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
             # removal re-registers `weight` last; restore the order so the state_dict's
@@ -254,12 +297,18 @@ class Fcpts(ReconstructionMethod):
         self.model.load_state_dict(self.teacher.state_dict())
         zeros = {f: self.sizes[f] - int(mask.sum()) for f, mask in masks.items()}
         cfg = self.config
-        solver = SparseGpt(self.model, self.budget, exclude=cfg.exclude, batch_size=cfg.batch_size)
+        solver = SparseGpt(
+            self.model,
+            self.budget,
+            exclude=cfg.exclude,
+            batch_size=cfg.batch_size,
+            pattern=cfg.pattern,
+        )
         device = next(self.model.parameters()).device
         solver.prune_(self.obs_inputs.to(device), zeros)
         return solver.solved
 
-    def _report(self, learned: dict, learned_t: dict, masks: dict, factor: float, ties: int):
+    def _report(self, learned: dict, learned_t: dict, masks: dict, factor: float | None, ties):
         final = {f: 1.0 - int(mask.sum()) / self.sizes[f] for f, mask in masks.items()}
         learned_global = sum(learned[f] * self.sizes[f] for f in learned) / self.total
         return {
@@ -267,8 +316,10 @@ class Fcpts(ReconstructionMethod):
             "learned_sparsity": learned_global,
             "thresholds": {
                 "learned": learned_t,
-                "final": {f: t * factor for f, t in learned_t.items()},
+                "final": learned_t
+                if factor is None
+                else {f: t * factor for f, t in learned_t.items()},
             },
-            "offset": factor - 1.0,
+            "offset": None if factor is None else factor - 1.0,
             "ties_broken_by_position": ties,
         } | self.loss_report()

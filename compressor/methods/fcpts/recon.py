@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from compressor import distributed
 from compressor.errors import InputError
 from compressor.examples import calibration_inputs
-from compressor.masks import apply_masks_, strip_
+from compressor.masks import apply_masks_, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, clone_model, register_method
 from compressor.methods.magnitude import erk_counts, masks_from_counts
 from compressor.outputs import distill_loss, flat_tensors
+from compressor.pattern_masks import layer_masks
 from compressor.train import progress, recalibrate_batchnorm_, sgd_cosine
 
 if TYPE_CHECKING:
@@ -197,10 +198,18 @@ class ReconstructionMethod(Method):
 
 
 def erk_masks(method: Method) -> dict[str, torch.Tensor]:
-    """`method`'s ERK magnitude masks, each layer at least at its floor (Method.floors)."""
+    """`method`'s ERK magnitude masks, each layer at least at its floor (Method.floors).
+
+    With a pattern, magnitude-erk's: blocks by summed |w| to each layer's ERK count; N:M
+    on the layers that lose least |w| per pruned weight (compressor.pattern_masks).
+    """
     sparsity, keep = method.budget.sparsity, method.budget.keep
     counts = erk_counts(method.layers, sparsity, keep, method.floors)
-    return masks_from_counts(method.layers, counts, method.floors(sum(counts.values())))
+    floors = method.floors(sum(counts.values()))
+    if method.pattern is not None:
+        scores = {f: weight_of(m).detach().abs() for f, m in method.layers.items()}
+        return layer_masks(method, scores, counts, floors)
+    return masks_from_counts(method.layers, counts, floors)
 
 
 @register_method("erk-recon")

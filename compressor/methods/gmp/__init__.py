@@ -10,6 +10,12 @@ and at each update the weights of smallest magnitude are masked. The ranking is 
 the two methods differ only in how they choose the weights. The ramp runs over the same
 fraction of training as ProbMask's keep schedule (0.16 E to 0.6 E) and the same
 fine-tuning follows, so the two are compared at equal epochs.
+
+With `--pattern` every update already follows it (compressor/pattern_masks.py): blocks
+are ranked by their l2 norm over the masked weights (the sum of w^2 per block) and kept
+to s_t's count; N:M keeps the N largest |w| of every group, on the layers whose N:M mask
+removes the least w^2 per pruned weight, as many as s_t's zeros allow (so the ramp grows
+by whole layers; a patterned layer's removed weights score 0 and it stays chosen).
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from compressor.finetune import finetune_masked_
-from compressor.masks import apply_masks_, global_topk, strip_, weight_of
+from compressor.masks import apply_masks_, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
+from compressor.pattern_masks import select_masks
 from compressor.train import fit, sgd_cosine
 
 if TYPE_CHECKING:
@@ -117,7 +124,9 @@ class GradualMagnitude(Method):
         """
         effective = {f: m.weight.detach().abs() for f, m in self.layers.items()}
         count = round(keep * sum(e.numel() for e in effective.values()))
-        kept = global_topk(effective, count, self.floors(count))
+        if self.pattern is not None:  # group norms: l2, the sum of squares per unit
+            effective = {f: e.square() for f, e in effective.items()}
+        kept = select_masks(self, effective, count, self.floors(count))
         for fqn, module in self.layers.items():
             module.parametrizations.weight[0].mask.copy_(kept[fqn])
 

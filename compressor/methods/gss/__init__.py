@@ -21,6 +21,9 @@ structured variant removes whole channels to a FLOP budget and physically slims 
 Baselines are GSS configurations of the same method (`--set regulariser=...`, the
 supplement's Table 1; see `gss.reg`): lasso, l2, exclusive-lasso (each neuron's incoming
 weights as a group), group-lasso (each neuron's incoming and outgoing weights as a group).
+
+`--pattern` (element variant, prune=budget): the ranked cut's scores summed per block, or
+the top-N of every N:M group on the layers that lose least (gss.prune.pattern_element_masks).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
-from compressor.errors import CompressorError, CompressorWarning, InputError
+from compressor.errors import CompressorError, CompressorWarning
 from compressor.examples import example_inputs_of
 from compressor.finetune import finetune_, step_lambda
 from compressor.masks import apply_masks_, prunable_layers, strip_, weight_of
@@ -45,27 +48,16 @@ from compressor.methods.base import (
 )
 from compressor.methods.gss import prune as gss_prune
 from compressor.methods.gss import reg as gss_reg
+from compressor.methods.gss.checks import check_config
 from compressor.stats import measure
 from compressor.surgery import channel_groups, slim_
 from compressor.surgery.cost import CostModel
-from compressor.surgery.fit import FitUnit, check_round_to, fit_budget
+from compressor.surgery.fit import FitUnit, fit_budget
 from compressor.surgery.select import input_feature_layers, select_inputs_, with_input_features
 from compressor.train import fit
 
 if TYPE_CHECKING:
-    from compressor.budget import Budget
     from compressor.data import Data
-
-VARIANTS = ("auto", "element", "structure")
-REGULARISERS = ("gss", "lasso", "l2", "exclusive-lasso", "group-lasso", "none")
-CHOICES = {
-    "variant": VARIANTS,
-    "regulariser": REGULARISERS,
-    "norms": ("212", "121"),
-    "prune": ("budget", "threshold"),
-    "rank": ("magnitude", "std"),
-    "optimiser": ("adam", "sgd"),
-}
 
 
 @dataclass(frozen=True)
@@ -126,7 +118,7 @@ class Gss(Method):
 
     def __init__(self, model, budget, config=None, **overrides):
         super().__init__(model, budget, config, **overrides)
-        self.variant = _check_config(self.config, budget)
+        self.variant = check_config(self.config, budget)
         cfg = self.config
         self.aux = cfg.regulariser == "gss" and cfg.p > 0
         self.groups = None  # channel groups of the model (None: tracing failed, element only)
@@ -266,7 +258,10 @@ class Gss(Method):
     def _mask_weights(self) -> None:
         keep = None if self.config.prune == "threshold" else self.budget.keep
         cfg = self.config
-        masks = gss_prune.element_masks(self.layers, keep, cfg.ratio, cfg.rank, self.floors)
+        if self.pattern is not None:  # the ranked cut, per block or N:M group
+            masks = gss_prune.pattern_element_masks(self, cfg.rank)
+        else:
+            masks = gss_prune.element_masks(self.layers, keep, cfg.ratio, cfg.rank, self.floors)
         if keep is not None:
             official = gss_prune.element_masks(self.layers, None, self.config.ratio)
             kept = sum(int(m.sum()) for m in official.values())
@@ -353,40 +348,6 @@ class Gss(Method):
         if cfg.norms == "121":
             return "deep-gss-121"
         return "deep-gss-212" if self.variant == "structure" else "gss-element"
-
-
-def _check_config(cfg: GssConfig, budget: Budget) -> str:
-    """Validates the choices; returns the variant the budget and config ask for."""
-    for field, allowed in CHOICES.items():
-        if getattr(cfg, field) not in allowed:
-            raise InputError(
-                f"gss: {field} {getattr(cfg, field)!r}; choose one of {', '.join(allowed)}"
-            )
-    if (cfg.p > 0) != (cfg.q > 0) or cfg.p < 0 or cfg.q < 0:
-        raise InputError("gss: give both --p and --q (> 0) for the auxiliary form, or neither")
-    if cfg.lambda_ < 0 or cfg.ratio <= 0 or cfg.eps < 0:
-        raise InputError("gss: --lambda and eps must be >= 0 and ratio > 0")
-    check_round_to(cfg.round_to)
-    variant = cfg.variant
-    if variant == "auto":
-        variant = "structure" if budget.metric == "flops" else "element"
-    if variant == "element" and cfg.round_to != 1:
-        raise InputError(
-            f"gss: round_to {cfg.round_to} aligns channel counts, which only the structure "
-            "variant removes; drop --round-to or give --budget NX (FLOPs)"
-        )
-    # the hints restate the user's own budget in the form the variant takes
-    if variant == "element" and budget.metric != "weights":
-        raise InputError(
-            f"gss --variant element prunes weights, not {budget.metric}: "
-            f"give --sparsity {budget.sparsity:.4g}"
-        )
-    if variant == "structure" and budget.metric != "flops":
-        raise InputError(
-            f"gss --variant structure removes channels to a FLOP budget, not {budget.metric}: "
-            f"give --budget {budget.factor:.4g}x (FLOPs is the default for this variant)"
-        )
-    return variant
 
 
 def structure_of(model) -> str:

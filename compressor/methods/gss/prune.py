@@ -11,6 +11,7 @@ norm relative to their layer's (`channel_scores`) and the cost engine's fitter
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,7 +19,11 @@ from torch.nn.utils import parametrize
 
 from compressor.masks import WeightMask, global_topk, weight_of
 from compressor.methods.gss.reg import PRODUCING, NeuronGroup
+from compressor.pattern_masks import select_masks
 from compressor.surgery import ChannelGroup
+
+if TYPE_CHECKING:
+    from compressor.methods.base import Method
 
 WEIGHT_KINDS = (*PRODUCING, "consumer")
 
@@ -47,10 +52,24 @@ def element_masks(
     """
     if keep is None:
         return {fqn: standardised(weight_of(m)) >= ratio for fqn, m in layers.items()}
-    scale = standardised if rank == "std" else lambda w: w.detach().abs()
-    scores = {fqn: scale(weight_of(m)) for fqn, m in layers.items()}
+    scores = element_scores(layers, rank)
     count = round(keep * sum(s.numel() for s in scores.values()))
     return global_topk(scores, count, floors(count) if floors is not None else None)
+
+
+def element_scores(layers: dict[str, nn.Module], rank: str) -> dict[str, torch.Tensor]:
+    """What the ranked cut ranks: |w| ("magnitude") or |w| / std(W_l) ("std")."""
+    scale = standardised if rank == "std" else lambda w: w.detach().abs()
+    return {fqn: scale(weight_of(m)) for fqn, m in layers.items()}
+
+
+def pattern_element_masks(method: Method, rank: str) -> dict[str, torch.Tensor]:
+    """The ranked cut in units of `method.pattern`: the same scores, summed per block (ranked
+    over all layers, whole blocks to the budget) or top-N per N:M group on the layers that
+    lose the least score per pruned weight (compressor.pattern_masks)."""
+    scores = element_scores(method.layers, rank)
+    count = round(method.budget.keep * sum(s.numel() for s in scores.values()))
+    return select_masks(method, scores, count, method.floors(count))
 
 
 def channel_scores(

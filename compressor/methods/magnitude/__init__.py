@@ -2,6 +2,12 @@
 
 Every later benchmark compares against these, so they are exact: each layer keeps
 precisely its allotted count of largest-|w| weights (ties resolved by position).
+
+With `--pattern` (compressor/pattern_masks.py) a block's score is the sum of its |w| (its
+l1 norm) and an N:M group keeps its N largest |w|. N:M fixes each layer's sparsity, so
+uniform and ERK cannot allot per-layer counts: all three choose the layers to pattern the
+global way (least |w| removed per pruned weight first); RxC blocks keep each method's
+per-layer counts (uniform, ERK) or its one global ranking, exact to one block per layer.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from torch import nn
 
 from compressor.masks import floor_counts, global_topk, weight_of
 from compressor.methods.base import MaskMethod, register_method
+from compressor.pattern_masks import layer_masks, select_masks
 
 
 def erk_densities(layers: dict[str, nn.Module], sparsity: float) -> dict[str, float]:
@@ -85,6 +92,9 @@ class _Magnitude(MaskMethod):
     def _masks(self, counts: dict[str, int]) -> dict[str, torch.Tensor]:
         floors = self.floors(sum(counts.values()))
         counts = counts if floors is None else floor_counts(counts, floors)
+        if self.pattern is not None:
+            scores = {f: weight_of(m).detach().abs() for f, m in self.layers.items()}
+            return layer_masks(self, scores, counts, floors)
         return masks_from_counts(self.layers, counts, floors)
 
 
@@ -104,7 +114,7 @@ class GlobalMagnitude(_Magnitude):
     def compute_masks(self) -> dict[str, torch.Tensor]:
         scores = {f: weight_of(m).detach().abs() for f, m in self.layers.items()}
         keep = self._keep_total()
-        return global_topk(scores, keep, self.floors(keep))
+        return select_masks(self, scores, keep, self.floors(keep))
 
 
 @register_method("magnitude-erk")

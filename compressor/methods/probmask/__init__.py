@@ -34,6 +34,15 @@ is none. The scores' Adam lr is `warm_score_lr` (0.05): the official 6e-3 is siz
 ~60k steps. The weight lr stays 0.01, a tenth of the official (1e-3 was no better). The
 final mask is the global top-k of s, ties by |w| (unchanged); measurements in
 probmask/warm.py.
+
+With `--pattern` (compressor/pattern_masks.py) the scores train per weight as above and
+the discrete mask ranks groups: a block's score is the sum of its s (its expected kept
+count under the Bernoulli masks), blocks ranked over all layers to the budget in whole
+blocks, ties by the block's summed |w|; an N:M group keeps its N largest s, on the layers
+whose N:M mask drops the least s per pruned weight. Sampling one Bernoulli per unit while
+training would be the faithful pattern version; we do not (the per-weight projection and
+its exact budget stay as they are), and "threshold" / "best-of-n" masks, which sample or
+cut per weight, are refused with a pattern.
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ from torch.utils.data import DataLoader
 
 from compressor.errors import InputError
 from compressor.finetune import finetune_masked_
-from compressor.masks import apply_masks_, global_topk, strip_, weight_of
+from compressor.masks import apply_masks_, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
 from compressor.methods.probmask.relax import (
     keep_fraction,
@@ -61,6 +70,7 @@ from compressor.methods.probmask.relax import (
 )
 from compressor.methods.probmask.warm import check_sharpness, warm_start_
 from compressor.outputs import select_output
+from compressor.pattern_masks import select_masks
 from compressor.train import (
     fit,
     recalibrate_batchnorm_,
@@ -162,6 +172,11 @@ class ProbMask(Method):
         if self.config.mask not in MASK_CHOICES:
             raise InputError(f"mask {self.config.mask!r}: choose one of {', '.join(MASK_CHOICES)}")
         check_sharpness(self.config.warm_sharpness)
+        if self.pattern is not None and self.config.mask != "topk":
+            raise InputError(
+                f"mask {self.config.mask!r} decides weight by weight; with --pattern "
+                f"{self.config.pattern} use mask=topk (the default), which ranks whole groups"
+            )
         if self.config.mask_samples < 1:
             raise InputError(f"mask_samples {self.config.mask_samples} must be at least 1")
         self.probs: dict[str, ProbMaskScores] = {}
@@ -349,7 +364,7 @@ class ProbMask(Method):
         """Exactly round(keep * n) weights with the largest s; ties go to larger |w|."""
         magnitudes = {f: weight_of(self.layers[f]).detach().abs() for f in scores}
         count = round(self.budget.keep * sum(s.numel() for s in scores.values()))
-        return global_topk(scores, count, self.floors(count), tiebreak=magnitudes)
+        return select_masks(self, scores, count, self.floors(count), tiebreak=magnitudes)
 
     @torch.no_grad()
     def _best_of_n(self, scores: dict[str, torch.Tensor], loader: DataLoader):

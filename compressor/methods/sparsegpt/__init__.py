@@ -34,6 +34,14 @@ Choices of ours, where the paper is silent or does otherwise:
   uniform sparsity; small CNNs, whose first and last layers are tiny, need it.
 * Calibration: FCPTS's data (`--calib-samples`, default 1024 unlabelled images) instead of
   the paper's 128 text segments, so the two methods are compared on the same inputs.
+* `--pattern` (compressor/pattern_masks.py). Each layer's mask is chosen once, before its
+  solve, on the OBS saliency `w^2 / [U]_jj^2` of the weights it then has (dead inputs: 0):
+  blocks by their summed saliency, to the layer's count in whole blocks; N:M groups keep
+  their N most salient weights. The solve then reconstructs the kept weights with that
+  fixed mask. (The paper picks N:M groups inside the lazy loop, on the weights the earlier
+  columns' updates changed; ours sees them before any update of the layer.) Which layers
+  carry N:M is chosen first, on the dense model's saliency `w^2 / [H^-1]_jj` (one extra
+  calibration pass): least saliency removed per pruned weight first.
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ from compressor.methods.sparsegpt.solve import (
     relative_error,
     sparsegpt_solve,
 )
+from compressor.pattern_masks import nm_layers, nm_zeros, pattern_masks
+from compressor.patterns import nm_mask
 from compressor.train import recalibrate_batchnorm_
 
 if TYPE_CHECKING:
@@ -202,10 +212,12 @@ class SparseGpt(Method):
     @torch.no_grad()
     def prune_(self, inputs: torch.Tensor, zeros: dict[str, int] | None = None) -> None:
         """Prunes the model in place on calibration `inputs` (default: `layer_zeros()`)."""
-        zeros = zeros if zeros is not None else self.layer_zeros()
         cfg = self.config
         training = self.model.training
         self.model.eval()
+        if zeros is None and self.pattern is not None and self.pattern.kind == "nm":
+            zeros = self.nm_layer_zeros(inputs)  # on the eval-mode model, as every pass here
+        zeros = zeros if zeros is not None else self.layer_zeros()
         order, once = call_profile(self.model, self.layers, inputs, cfg.batch_size)
         errors, uncalibrated = {}, []
         if not cfg.sequential:  # every layer sees the dense model's inputs: one pass
@@ -235,14 +247,57 @@ class SparseGpt(Method):
         hessian = hessian.to(weight.device)
         upper, dead = hinv_upper(hessian, self.config.percdamp)
         counts = block_zero_counts(groups, rows, columns, zeros, self.config.blocksize)
+        fixed = None
+        if self.pattern is not None:
+            fixed = self._pattern_keep(module, weight, upper, dead, zeros)
+            zeros = int((~fixed).sum())
         pruned, keep = sparsegpt_solve(
-            weight, upper, counts.to(weight.device), blocksize=self.config.blocksize, dead=dead
+            weight,
+            upper,
+            counts.to(weight.device),
+            blocksize=self.config.blocksize,
+            dead=dead,
+            keep=fixed,
         )
         if int((~keep).sum()) != zeros:  # a broken invariant, not a user error
             raise CompressorError(f"sparsegpt pruned {int((~keep).sum())} weights, not {zeros}")
         target = weight_of(module)
         target.copy_(pruned.reshape(target.shape).to(target.dtype))
         return relative_error(weight, pruned, hessian)
+
+    def _pattern_keep(self, module, weight, upper, dead, zeros: int) -> torch.Tensor:
+        """The layer's fixed keep mask ([G, O/G, D]) in units of the pattern, on the OBS
+        saliency `w^2 / [U]_jj^2` of its current weights (dead inputs score 0)."""
+        diag = torch.diagonal(upper, dim1=-2, dim2=-1).unsqueeze(1)
+        saliency = torch.where(dead.unsqueeze(1), 0.0, weight**2 / diag**2)
+        saliency = saliency.reshape(module.weight.shape)
+        if self.pattern.kind == "nm":  # zeros > 0: the layer was chosen to carry N:M
+            keep = nm_mask(saliency, self.pattern.a, self.pattern.b) if zeros else None
+            keep = torch.ones_like(saliency, dtype=torch.bool) if keep is None else keep
+        else:
+            keep = pattern_masks({"": saliency}, self.pattern, saliency.numel() - zeros)[""]
+        return keep.reshape(weight.shape)
+
+    def nm_layer_zeros(self, inputs: torch.Tensor) -> dict[str, int]:
+        """Zeros per layer when N:M goes on the layers that lose the least OBS saliency
+        `w^2 / [H^-1]_jj` per pruned weight (dense model, one pass) to the budget."""
+        found = hessians(self.model, self.layers, inputs, self.config.batch_size)
+        saliency = {}
+        for fqn, module in self.layers.items():
+            weight = grouped_weight(module).double()
+            hessian = found[fqn]
+            if hessian is None:
+                hessian = torch.eye(weight.shape[-1], dtype=torch.float64).expand(
+                    weight.shape[0], -1, -1
+                )
+            upper, _ = hinv_upper(hessian.to(weight.device), self.config.percdamp)
+            hinv_diag = upper.square().sum(dim=-2).unsqueeze(1)  # diag(U^T U) = diag(H^-1)
+            saliency[fqn] = (weight**2 / hinv_diag).reshape(module.weight.shape)
+        keep_total = round(self.budget.keep * sum(self.sizes.values()))
+        chosen = nm_layers(saliency, self.pattern, sum(self.sizes.values()) - keep_total)
+        return {
+            f: nm_zeros(s.shape, self.pattern) if f in chosen else 0 for f, s in saliency.items()
+        }
 
     def prepare(self, example_inputs: torch.Tensor | None = None) -> None:
         """Installs nothing; keeps `example_inputs` as calibration inputs for `finalize()`.
