@@ -6,6 +6,8 @@
     m.step(progress)       # after each optimiser step: projections, schedules
     m.finalize()           # -> Result(model, report); all machinery stripped
 
+`m.phases(data)` yields the whole schedule as training phases (methods/phases.py) and
+`prune()` drives exactly those: a pipeline's own loop gets the same result, bit for bit.
 A method file implements the math; this file holds the machinery once.
 """
 
@@ -15,6 +17,7 @@ import copy
 import dataclasses
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -36,6 +39,7 @@ from compressor.masks import (
     strip_,
     weight_of,
 )
+from compressor.methods.phases import Phase, drive
 from compressor.outputs import check_task_output, task_output
 from compressor.stats import sparsity_of
 
@@ -165,10 +169,15 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         """Restores what `state_dict()` returned (on the same prepared method)."""
 
-    def run(self, data: Data | None) -> Result:
-        """The method's own schedule (post-training methods: prepare then finalize)."""
+    def phases(self, data: Data | None) -> Iterator[Phase]:
+        """The method's whole schedule, phase by phase (the loop: methods/phases.py); a
+        post-training method has none, its work is `prepare()` and `finalize()`."""
         self.prepare()
-        return self.finalize()
+        yield from ()
+
+    def run(self, data: Data | None) -> Result:
+        """Trains every phase of `phases(data)` as `prune()` does, then `finalize()`."""
+        return drive(self, data)
 
     def floors(self, keep_total: int) -> dict[str, int] | None:
         """Per-layer minimum kept weights for `keep_total` in all (None: collapse allowed)."""
@@ -221,13 +230,8 @@ class MaskMethod(Method):
 
 def _layer_row(fqn: str, module: nn.Module) -> dict:
     weight = module.weight.detach()
-    zeros = int((weight == 0).sum())
-    return {
-        "fqn": fqn,
-        "params": weight.numel(),
-        "zeros": zeros,
-        "sparsity": zeros / weight.numel(),
-    }
+    zeros, params = int((weight == 0).sum()), weight.numel()
+    return {"fqn": fqn, "params": params, "zeros": zeros, "sparsity": zeros / params}
 
 
 def _with_overrides(config: MethodConfig, overrides: dict, name: str) -> MethodConfig:
