@@ -35,7 +35,10 @@ from compressor.methods.magnitude import erk_counts
 from compressor.methods.sparsegpt import SparseGpt
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from compressor.data import Data
+    from compressor.methods.phases import Phase
 
 RECONSTRUCTIONS = ("threshold", "obs")
 
@@ -134,10 +137,9 @@ def exact_masks(
 class Fcpts(ReconstructionMethod):
     """Learned per-layer thresholds under a global sparsity constraint, then an exact step.
 
-    `run(data)` does the whole schedule. To drive the lifecycle from your own loop:
-    `prepare()`; per step add `penalty()` (the control loss) to your reconstruction loss and
-    step an optimiser over `param_groups()`; then `finalize()` (the exact step; a plain
-    module comes out) and re-estimate BatchNorm with `compressor.train.recalibrate_batchnorm_`.
+    `phases(data)` is the whole schedule: one reconstruction phase whose loss holds the
+    control loss `penalty()` and whose optimiser steps `param_groups()`; `finalize()` takes
+    the exact step, re-estimates BatchNorm and returns a plain module.
     """
 
     Config: ClassVar[type[FcptsConfig]] = FcptsConfig
@@ -211,21 +213,22 @@ class Fcpts(ReconstructionMethod):
             for f, m in self.layers.items()
         }
 
-    def run(self, data: Data | None) -> Result:
-        """The whole schedule; with `reconstruct="obs"` the calibration inputs are kept for
-        the final layer solve."""
+    def phases(self, data: Data | None) -> Iterator[Phase]:
+        """The reconstruction schedule; with `reconstruct="obs"` the calibration inputs are
+        kept for the final layer solve."""
         if self.config.reconstruct == "obs":
             self.obs_inputs = calibration_inputs(
                 data, self.config.calib_samples, self.config.batch_size
             )
-        return super().run(data)
+        yield from super().phases(data)
 
     def finalize(self) -> Result:
         """The exact step, then bakes the masks and removes every ThresholdMask.
 
         With `reconstruct="obs"` the exact step only fixes the per-layer counts: the dense
         weights (`self.teacher`) are restored and SparseGPT prunes each layer to its count
-        on `self.obs_inputs` (both set by `run`).
+        on `self.obs_inputs` (both set by `phases`). BatchNorm is re-estimated on the
+        calibration data when `phases(data)` ran.
         """
         learned_t = {f: float(t.detach()) for f, t in self.thresholds().items()}
         learned = self.allocation(learned_t)
@@ -242,13 +245,14 @@ class Fcpts(ReconstructionMethod):
             report["obs"] = self._obs_solve_(masks)
         else:
             bake_masks_(self.layers, masks)
+        self.recalibrate_(self.model)
         return Result(self.model, self.base_report() | report)
 
     def _obs_solve_(self, masks: dict[str, torch.Tensor]) -> dict:
         """Dense weights back, then SparseGPT to the exact step's per-layer counts. In place."""
         if getattr(self, "teacher", None) is None or getattr(self, "obs_inputs", None) is None:
             raise CompressorError(
-                "reconstruct='obs' needs the dense model and calibration inputs: use run(data), "
+                "reconstruct='obs' needs the dense model and calibration inputs: use phases(data), "
                 "or set `teacher` and `obs_inputs` before finalize()"
             )
         self.model.load_state_dict(self.teacher.state_dict())
