@@ -46,8 +46,8 @@ from compressor.methods.bar.slim import (
     example_of,
     excluder,
     own_counts,
-    recalibrate_and_finetune_,
     slim_model,
+    slimmed_finetune_phase,
     structured_report,
     tied_fallback,
 )
@@ -59,10 +59,13 @@ from compressor.methods.base import (
     clone_model,
     register_method,
 )
+from compressor.methods.phases import Phase, task_loss_of
 from compressor.surgery.streams import check_exact
-from compressor.train import Distill, fit, sgd
+from compressor.train import Distill, sgd
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from compressor.data import Data
 
 
@@ -141,6 +144,7 @@ class Bar(Method):
         self.masks: list[torch.Tensor] | None = None
         self.multiplier = 0.0
         self.current = 0.0
+        self.result: Result | None = None  # the slimmed model and report, once slimmed
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -216,6 +220,13 @@ class Bar(Method):
         self.multiplier, self.current = state["multiplier"], state["current"]
 
     def finalize(self) -> Result:
+        """The slimmed, gate-free model (slimmed now unless `phases()` has) and the report."""
+        if self.result is None:
+            self.slim()
+        self.model.eval()
+        return self.result
+
+    def slim(self) -> None:
         """Meets the budget, folds the gates into the norms, removes hooks, slims."""
         if self.masks is None:
             self.decide()
@@ -230,7 +241,8 @@ class Bar(Method):
         )
         report["budget_step"]["note"] = self._note()
         report["tied_streams"] = list(self.tied.values())
-        return Result(slimmed.model, report)
+        self.model = slimmed.model  # what the fine-tuning phases train
+        self.result = Result(slimmed.model, report)
 
     # --- the schedule and the decision ------------------------------------------------------
 
@@ -287,8 +299,8 @@ class Bar(Method):
 
     # --- the schedule of phases -------------------------------------------------------------
 
-    def run(self, data: Data | None) -> Result:
-        """Phase 1 with gates, the decision and slimming, then phases 2 and 3 slimmed."""
+    def phases(self, data: Data | None) -> Iterator[Phase]:
+        """Phase 1 with gates; the decision and slimming; phases 2 and 3 on the slimmed net."""
         cfg = self.config
         # without labels the dense model's soft targets and pseudo-labels replace them
         loader = self.training_data(data, cfg.batch_size, cfg.temperature, cfg.alpha)
@@ -296,18 +308,8 @@ class Bar(Method):
         if distill is None and cfg.distill:
             distill = Distill(clone_model(self.model).eval(), cfg.temperature, cfg.alpha)
         self.prepare(data.sample_inputs(2))
-        if cfg.epochs > 0:
-            optimizer = sgd(self.model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-            fit(
-                self.model,
-                loader,
-                epochs=cfg.epochs,
-                optimizer=optimizer,
-                distill=distill,
-                penalty=self.penalty,
-                after_step=self.step,
-                description="bar: gates",
-            )
-        result = self.finalize()
-        recalibrate_and_finetune_(result.model, loader, cfg, distill)
-        return result
+        optimizer = sgd(self.model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+        loss = task_loss_of(distill, self.penalty)
+        yield Phase("bar: gates", self.model, cfg.epochs, loader, optimizer, loss, None, self.step)
+        self.slim()
+        yield slimmed_finetune_phase(self.model, loader, cfg, distill)

@@ -26,8 +26,8 @@ from compressor.methods.bar.slim import (
     check_residual,
     example_of,
     excluder,
-    recalibrate_and_finetune_,
     slim_model,
+    slimmed_finetune_phase,
     structured_report,
     tied_fallback,
 )
@@ -43,7 +43,10 @@ from compressor.surgery import mask_
 from compressor.train import Distill
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from compressor.data import Data
+    from compressor.methods.phases import Phase
 
 _BAR = BarConfig()
 BISECTION_STEPS = 14  # the uniform keep ratio to 6e-5: finer than one channel of any layer
@@ -106,6 +109,7 @@ class ChannelMagnitude(Method):
         if self.config.finetune_epochs < 0:
             raise InputError("finetune_epochs must be >= 0")
         self.example: tuple | None = None
+        self.result: Result | None = None  # the slimmed model and report, once slimmed
 
     def prepare(self, example_inputs=None) -> None:
         """Scores every channel by filter L1 norm and takes the budgeted decision."""
@@ -148,6 +152,13 @@ class ChannelMagnitude(Method):
         return low
 
     def finalize(self) -> Result:
+        """The slimmed model (slimmed now unless `phases()` has) and the report."""
+        if self.result is None:
+            self.slim()
+        self.model.eval()
+        return self.result
+
+    def slim(self) -> None:
         """Zeroes the removed channels (norms included) and slims them away."""
         keep = keep_dict(self.units, self.masks)
         mask_(self.model, keep, self.example, residual=self.config.residual, norms=True)
@@ -158,10 +169,11 @@ class ChannelMagnitude(Method):
             self.name, config, self.budget, self.costs, slimmed, self.example, self.adjustment, tied
         )
         report["tied_streams"] = list(self.tied.values())
-        return Result(slimmed.model, report)
+        self.model = slimmed.model  # what the fine-tuning phase trains
+        self.result = Result(slimmed.model, report)
 
-    def run(self, data: Data | None) -> Result:
-        """Prune once, re-estimate BatchNorm, then fine-tune as long as BAR trains."""
+    def phases(self, data: Data | None) -> Iterator[Phase]:
+        """Prune once and slim, re-estimate BatchNorm, then fine-tune as long as BAR trains."""
         cfg = self.config
         # without labels the dense model's soft targets and pseudo-labels replace them
         loader = self.training_data(data, cfg.batch_size, cfg.temperature, cfg.alpha)
@@ -169,6 +181,5 @@ class ChannelMagnitude(Method):
         if distill is None and cfg.distill:
             distill = Distill(clone_model(self.model).eval(), cfg.temperature, cfg.alpha)
         self.prepare(data.sample_inputs(2))
-        result = self.finalize()
-        recalibrate_and_finetune_(result.model, loader, cfg, distill)
-        return result
+        self.slim()
+        yield slimmed_finetune_phase(self.model, loader, cfg, distill)
