@@ -5,9 +5,9 @@ Efficient ConvNets"), summed over the producers that share it (a channel group, 
 mode one producer of a residual stream). Every gate unit BAR would have keeps the same
 fraction r of its channels, the best-scored ones; r is the largest that fits the budget,
 and the budget step BAR uses (lowest-scored out, highest back, scores normalised per unit)
-lands the cost within 1 % below it. The slimmed network then trains as long as BAR trains in
-all (its phases 1 to 3), with the same distillation and learning-rate drop, so the two
-differ only in how they choose the channels.
+lands the cost below it by at most min(1 % of it, 0.5 % of the dense cost), as BAR. The
+slimmed network then trains as long as BAR trains in all (its phases 1 to 3), with the same
+distillation and learning-rate drop, so the two differ only in how they choose the channels.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class ChannelMagnitudeConfig(MethodConfig):
     distill: bool = _BAR.distill  # BAR's distillation from the dense model
     temperature: float = _BAR.temperature  # BAR's KD temperature
     alpha: float = _BAR.alpha  # BAR's KD alpha
-    tolerance: float = _BAR.tolerance  # the budget is met within 1 % from below, as BAR
+    tolerance: float = _BAR.tolerance  # met from below within min(1 % B, 0.5 % V0), as BAR
     bn_batches: int = _BAR.bn_batches  # BatchNorm re-estimated after slimming, as BAR
 
 

@@ -11,8 +11,18 @@ The official code never enforces r0 exactly; this implementation ends with an ex
 all thresholds are scaled by one common factor `f` (`t_l' = t_l * f`, an offset in units of
 each layer's threshold) so that the global count of zeros is exactly round(r0 * N).
 
-`reconstruct="obs"` (ours) keeps only the per-layer counts of that step: the dense weights
-come back and SparseGPT's layer solve (`sparsegpt`) prunes each layer to its count.
+Choices of ours, where METHODS.md is silent or we depart from it:
+
+* The exact step above (the official code stops at the learned thresholds).
+* Weight decay (3e-4) applies to every network parameter, biases and BatchNorm's affine
+  parameters included; only the thresholds get `threshold_decay` (0). METHODS.md says
+  "on weights", meaning the network as against the thresholds; excluding biases and norms
+  as well would be a third group we have not measured, so the one group stays.
+* The KDE density (`density="kde"`) centres its 100 kernels on the standardised weights'
+  quantiles at (k + 0.5) / 100 instead of the paper's 100 randomly sampled points: the
+  estimate is then reproducible and does not depend on which weights a draw picks.
+* `reconstruct="obs"` keeps only the per-layer counts of the exact step: the dense weights
+  come back and SparseGPT's layer solve (`sparsegpt`) prunes each layer to its count.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ class FcptsConfig(ReconstructionConfig):
     threshold_decay: float = 0.0  # official run.sh: EXTRA.st_decay 0.0 (no decay on s)
     density: str = "histogram"  # official: 100-bin histogram; "kde" is the paper's variant
     bins: int = 100  # official: bins_num = 100
-    kde_points: int = 100  # paper: 100 sampled points
+    kde_points: int = 100  # paper: 100 points; ours: centred quantiles, not a random sample
     kde_bandwidth: float = 0.5  # paper: bandwidth 0.5 (in std units of the weights)
     s_min: float = -30.0  # official: min_score = -30 when initialising s
     s_max: float = 30.0  # ours: caps logit(t) for thresholds >= 1 (weights larger than 1)
@@ -197,7 +207,8 @@ class Fcpts(ReconstructionMethod):
         return self.config.lambda_c * (self.global_sparsity() - self.budget.sparsity).abs()
 
     def param_groups(self) -> list[dict]:
-        """Weights (weight decay) and thresholds (`threshold_decay`, 0 as official)."""
+        """Network parameters, biases and norms included (weight decay), and thresholds
+        (`threshold_decay`, 0 as official)."""
         scores = [mask.score for mask in self._masks().values()]
         ids = {id(s) for s in scores}
         weights = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]

@@ -41,7 +41,9 @@ class ReconstructionConfig(MethodConfig):
     batch_size: int = 64  # official run.sh: --batch-size 64
     lr: float = 0.01  # official: BASE_LR 0.04 scaled by batch/256 -> 0.01 (weights and thresholds)
     momentum: float = 0.9  # official: SGD momentum 0.9
-    weight_decay: float = 3e-4  # official run.sh: TRAIN.WEIGHT_DECAY 3e-4 (weights only)
+    # official run.sh: TRAIN.WEIGHT_DECAY 3e-4; on every network parameter (biases and norms
+    # too), not on FCPTS's thresholds (their own `threshold_decay`)
+    weight_decay: float = 3e-4
     warmup_epochs: float = 1.0  # official run.sh: TRAIN.WARMUP_EPOCHS 1, then cosine per step
     temperature: float = 4.0  # official: DistillKL(4), net-wise on the final output
 
