@@ -87,20 +87,24 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class BarConfig(MethodConfig):
-    """BAR hyper-parameters; each default names its source."""
+    """BAR hyper-parameters, grouped as METHODS.md §3's paragraphs; each default names its
+    source. `--set name=value` takes any field by its flat name."""
 
-    # Phase 1, training with gates. Paper (CIFAR): 80 epochs; scaled down for small data.
-    epochs: int = 8
-    # Phases 2 + 3, gates frozen (the slimmed net trains). Paper: 40 + 10 epochs, scaled.
-    finetune_epochs: int = 5
-    lowlr_fraction: float = 0.2  # phase 3's share of phases 2 + 3: paper 10 of 40 + 10 epochs
-    lowlr_factor: float = 0.1  # phase 3 "lowers the learning rate": the usual 10x step
-    # Weights: SGD momentum 0.9, wd 5e-4 (paper's CIFAR setup). We start from a trained
-    # model, so a fine-tuning lr (a tenth of the usual 0.1), constant until phase 3.
-    lr: float = 0.01
-    momentum: float = 0.9  # paper: SGD momentum 0.9
-    weight_decay: float = 5e-4  # paper: weight decay 5e-4
-    # Gates: their own SGD. A step in proportion to the gradient keeps L_S's weighting (a
+    # --- Gates, L_S and the barrier (METHODS.md: gate, sparsity loss, barrier, budget
+    # schedule). Hard Concrete z per channel; L = L_task + lambda f(V, a, b) L_S.
+    beta: float = 2 / 3  # Hard Concrete temperature (Louizos et al. 2018; METHODS.md)
+    gamma: float = -0.1  # stretch interval lower end (METHODS.md)
+    zeta: float = 1.1  # stretch interval upper end (METHODS.md)
+    log_alpha_init: float = 0.0  # METHODS.md: log alpha = 0 + 0.01 U(0, 1)
+    log_alpha_noise: float = 0.01  # METHODS.md: the 0.01 U(0, 1) part
+    # Weight of L_S. Ours multiplies L_S / V0 (L_S in units of the dense cost), so one value
+    # serves every input size; the paper's lambda on raw volumes is this / V0.
+    lambda_: float = 1.0
+    transition_d: float = 10.0  # METHODS.md: d = 10 in T(t, d)
+    start_slack: float = 0.01  # METHODS.md: b starts at 1.01 V0
+    # a = B (1 - margin): "a is just below B"; 1e-4 as the public BAR port's margin.
+    margin: float = 1e-4
+    # The gates' own SGD. A step in proportion to the gradient keeps L_S's weighting (a
     # channel of a large feature map is pushed harder), which Adam's per-gate normalisation
     # would erase: its gates would all drift down together and die together.
     gate_lr: float = 0.1
@@ -110,29 +114,33 @@ class BarConfig(MethodConfig):
     # direction at a bounded rate while the task gradient still counts (ours; METHODS.md
     # leaves the optimiser open). About the task gradient's norm on our models.
     gate_clip: float = 1.0
-    batch_size: int = 64  # the toolkit's loader default (paper: 64 on CIFAR)
+
+    # --- The decision and slimming (METHODS.md: hard-prune; mixed-connectivity blocks).
     residual: str = "mixed"  # supplement: mixed-connectivity blocks; "tied" for comparison
-    # Weight of L_S. Ours multiplies L_S / V0 (L_S in units of the dense cost), so one value
-    # serves every input size; the paper's lambda on raw volumes is this / V0.
-    lambda_: float = 1.0
-    beta: float = 2 / 3  # Hard Concrete temperature (Louizos et al. 2018; METHODS.md)
-    gamma: float = -0.1  # stretch interval lower end (METHODS.md)
-    zeta: float = 1.1  # stretch interval upper end (METHODS.md)
-    log_alpha_init: float = 0.0  # METHODS.md: log alpha = 0 + 0.01 U(0, 1)
-    log_alpha_noise: float = 0.01  # METHODS.md: the 0.01 U(0, 1) part
-    transition_d: float = 10.0  # METHODS.md: d = 10 in T(t, d)
-    start_slack: float = 0.01  # METHODS.md: b starts at 1.01 V0
-    # a = B (1 - margin): "a is just below B"; 1e-4 as the public BAR port's margin.
-    margin: float = 1e-4
-    distill: bool = True  # METHODS.md: KD from the dense model when one exists, else CE
-    temperature: float = 4.0  # METHODS.md: KD T = 4
-    alpha: float = 0.9  # METHODS.md: KD alpha = 0.9
     # The budget is met from below to within min(tolerance * B, 0.5 % V0): issue 7's 1 %,
     # tightened to DESIGN.md's 0.5 % of the dense cost where that is smaller.
     tolerance: float = 0.01
+
+    # --- Schedule (METHODS.md: train with gates, hard-prune, train more, lower the lr and
+    # train a little more; paper 80/40/10 epochs on CIFAR, scaled down for small data).
+    epochs: int = 8  # phase 1, training with gates
+    finetune_epochs: int = 5  # phases 2 + 3, gates frozen (the slimmed net trains)
+    lowlr_fraction: float = 0.2  # phase 3's share of phases 2 + 3: paper 10 of 40 + 10 epochs
+    lowlr_factor: float = 0.1  # phase 3 "lowers the learning rate": the usual 10x step
+    # Weights: SGD momentum 0.9, wd 5e-4 (paper's CIFAR setup). We start from a trained
+    # model, so a fine-tuning lr (a tenth of the usual 0.1), constant until phase 3.
+    lr: float = 0.01
+    momentum: float = 0.9  # paper: SGD momentum 0.9
+    weight_decay: float = 5e-4  # paper: weight decay 5e-4
+    batch_size: int = 64  # the toolkit's loader default (paper: 64 on CIFAR)
     # BatchNorm statistics gathered under sampled gates are re-estimated on the slimmed
     # model (this many batches) before it trains on.
     bn_batches: int = 100
+
+    # --- Distillation (METHODS.md: objective): L_task is KD from the dense model.
+    distill: bool = True  # METHODS.md: KD from the dense model when one exists, else CE
+    temperature: float = 4.0  # METHODS.md: KD T = 4
+    alpha: float = 0.9  # METHODS.md: KD alpha = 0.9
 
 
 @register_method("bar")
