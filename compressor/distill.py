@@ -109,7 +109,9 @@ def pseudo_labels(teacher: nn.Module, loader: DataLoader) -> tuple[torch.Tensor,
     """Every input of `loader`'s dataset, in order, and the teacher's argmax for it."""
     ordered = DataLoader(loader.dataset, batch_size=LABEL_BATCH, shuffle=False)
     inputs = torch.cat([batch[0] for batch in ordered])
-    labels = torch.cat([teacher(x).argmax(dim=1) for x in inputs.split(LABEL_BATCH)])
+    device = next(teacher.parameters()).device
+    labels = [teacher(x.to(device)).argmax(dim=1).cpu() for x in inputs.split(LABEL_BATCH)]
+    labels = torch.cat(labels)
     return inputs, labels
 
 

@@ -39,7 +39,7 @@ from compressor.masks import (
     strip_,
     weight_of,
 )
-from compressor.methods.phases import Phase, drive
+from compressor.methods.phases import Phase, device_of, drive
 from compressor.outputs import check_task_output, task_output
 from compressor.stats import sparsity_of
 
@@ -323,7 +323,8 @@ def prune(
     instance = cls(clone_model(model) if copy_model else model, budget, **config)
     if data is not None and cls.needs != "nothing":  # a wrong --task-output fails now
         classes = data.num_classes if cls.needs == "labels" else None
-        check_task_output(instance.model, data.sample_inputs(2), instance.config.output, classes)
+        example = data.sample_inputs(2).to(device_of(instance.model))
+        check_task_output(instance.model, example, instance.config.output, classes)
     empty_before = tuple(empty_layers(model, instance.config.exclude))
     before = model_names(instance.model)  # for the postcondition: finalize() leaves none
     session = {"path": checkpoint_path, "resume": resume, "fingerprint": None}

@@ -45,6 +45,12 @@ if TYPE_CHECKING:
 SPLITS = ("shard", "slice")
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where `model`'s parameters live (CPU for a model without any)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def train_mode(model: nn.Module) -> None:
     """The usual training mode: every module in training mode."""
     model.train()
@@ -105,9 +111,11 @@ class Phase:
         return full if self.steps is None else min(self.steps, full)
 
     def batches(self, epoch: int) -> Iterator[tuple]:
-        """The batches of `epoch` (0-based), this rank's part of each; sets the train mode."""
+        """The batches of `epoch` (0-based), this rank's part of each, on the model's device;
+        sets the train mode."""
         loader = self.batches_of()
         self.mode(self.model)
+        device = device_of(self.model)
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         self.done = epoch * len(loader)
@@ -116,7 +124,7 @@ class Phase:
         for batch in itertools.islice(loader, max(0, self.total - self.done)):
             if self.split == "slice" and world > 1:
                 batch = [part[rank::world] for part in batch]
-            yield batch
+            yield [part.to(device) for part in batch]
 
     def step(self) -> None:
         """After `loss.backward()`: clip, optimiser and LR steps, the method's step, zero grads."""

@@ -75,7 +75,7 @@ from compressor.methods.base import (
     clone_model,
     register_method,
 )
-from compressor.methods.phases import Phase, task_loss_of
+from compressor.methods.phases import Phase, device_of, task_loss_of
 from compressor.surgery.streams import check_exact
 from compressor.train import Distill, sgd
 
@@ -192,6 +192,7 @@ class Bar(Method):
                 unit, self.budget.metric, counts.get(unit.group.id, 0)
             )
         self.gates = Gates(units, cfg.beta, cfg.gamma, cfg.zeta)
+        self.gates.to_(device_of(self.model))
         self.gates.install_(self.model)
         self.gate_optimizer = torch.optim.SGD(
             self.gates.parameters(), lr=cfg.gate_lr, momentum=cfg.gate_momentum
@@ -257,7 +258,7 @@ class Bar(Method):
             self.decide()
         self.gates.bake_(self.model)
         self.gates.remove_()
-        keep = keep_dict(self.gates.units, self.masks)
+        keep = keep_dict(self.gates.units, [m.cpu() for m in self.masks])
         tied = self.costs.cost(keep, "tied")  # priced before slimming changes the layers
         slimmed = slim_model(self.model, keep, self.example, self.config.residual)
         config = _jsonable(self.config.__dict__)
@@ -286,7 +287,8 @@ class Bar(Method):
         return masks
 
     def cost_of(self, masks: list[torch.Tensor]) -> float:
-        volume, flops = self.costs.cost(keep_dict(self.gates.units, masks))
+        # the cost engine counts on the CPU, wherever the gates live
+        volume, flops = self.costs.cost(keep_dict(self.gates.units, [m.cpu() for m in masks]))
         return volume if self.budget.metric == "volume" else flops
 
     def _refresh(self, progress: float) -> None:
@@ -332,7 +334,7 @@ class Bar(Method):
         distill = self.soft_targets
         if distill is None and cfg.distill:
             distill = Distill(clone_model(self.model).eval(), cfg.temperature, cfg.alpha)
-        self.prepare(data.sample_inputs(2))
+        self.prepare(data.sample_inputs(2).to(device_of(self.model)))
         optimizer = sgd(self.model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
         loss = task_loss_of(distill, self.penalty)
         yield Phase("bar: gates", self.model, cfg.epochs, loader, optimizer, loss, None, self.step)

@@ -39,6 +39,7 @@ from compressor.methods.base import (
     clone_model,
     register_method,
 )
+from compressor.methods.phases import Phase, device_of
 from compressor.surgery import mask_
 from compressor.train import Distill
 
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from compressor.data import Data
-    from compressor.methods.phases import Phase
 
 _BAR = BarConfig()
 BISECTION_STEPS = 14  # the uniform keep ratio to 6e-5: finer than one channel of any layer
@@ -78,7 +78,8 @@ def filter_l1(model: torch.nn.Module, unit: GateUnit) -> torch.Tensor:
     for target in unit.targets:
         weight = model.get_submodule(target.member.fqn).weight.detach()
         rows = weight.movedim(target.member.dim, 0).reshape(weight.shape[target.member.dim], -1)
-        score.index_add_(0, target.positions, rows.abs().sum(dim=1))
+        # scores and the decision stay on the CPU, with the cost engine
+        score.index_add_(0, target.positions, rows.abs().sum(dim=1).cpu())
     return score
 
 
@@ -180,6 +181,6 @@ class ChannelMagnitude(Method):
         distill = self.soft_targets
         if distill is None and cfg.distill:
             distill = Distill(clone_model(self.model).eval(), cfg.temperature, cfg.alpha)
-        self.prepare(data.sample_inputs(2))
+        self.prepare(data.sample_inputs(2).to(device_of(self.model)))
         self.slim()
         yield slimmed_finetune_phase(self.model, loader, cfg, distill)

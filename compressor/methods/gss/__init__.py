@@ -44,7 +44,7 @@ from compressor.methods.base import (
 )
 from compressor.methods.gss import prune as gss_prune
 from compressor.methods.gss import reg as gss_reg
-from compressor.methods.phases import Phase, finetune_phase, task_loss_of
+from compressor.methods.phases import Phase, device_of, finetune_phase, task_loss_of
 from compressor.stats import measure
 from compressor.surgery import channel_groups, slim_
 from compressor.surgery.select import input_feature_layers, select_inputs_, with_input_features
@@ -241,7 +241,7 @@ class Gss(Method):
         """Regularised training; pruning; fine-tuning with fixed masks (slimmed at finalize)."""
         cfg = self.config
         loader = self.training_data(data, cfg.batch_size)
-        self.prepare(data.sample_inputs(2))
+        self.prepare(data.sample_inputs(2).to(device_of(self.model)))
         optimizer = self._optimizer(cfg.lr, 0.0)
         loss = task_loss_of(self.soft_targets, self.penalty)
         yield Phase("gss", self.model, cfg.epochs, loader, optimizer, loss, None, self.step)

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader
 from compressor.errors import InputError
 from compressor.masks import apply_masks_, global_topk, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
-from compressor.methods.phases import Phase, masked_finetune_phase
+from compressor.methods.phases import Phase, device_of, masked_finetune_phase
 from compressor.methods.probmask.relax import (
     keep_fraction,
     logistic_noise,  # noqa: F401  (public: tests and notebooks import it from here)
@@ -127,9 +127,9 @@ class ProbMaskScores(nn.Module):
     In eval mode the mask is `scores >= 0.5`; once `fixed` is set, that mask is used.
     """
 
-    def __init__(self, shape: torch.Size, init: float, eps: float):
+    def __init__(self, shape: torch.Size, init: float, eps: float, device=None):
         super().__init__()
-        self.scores = nn.Parameter(torch.full(shape, float(init)))
+        self.scores = nn.Parameter(torch.full(shape, float(init), device=device))
         self.tau = 1.0
         self.eps = eps
         self.fixed: torch.Tensor | None = None
@@ -171,7 +171,10 @@ class ProbMask(Method):
     def prepare(self) -> None:
         """Installs one score per prunable weight (W -> W * m) and the scores' Adam."""
         for fqn, module in self.layers.items():
-            prob = ProbMaskScores(weight_of(module).shape, self.config.score_init, self.config.eps)
+            weight = weight_of(module)
+            prob = ProbMaskScores(
+                weight.shape, self.config.score_init, self.config.eps, weight.device
+            )
             parametrize.register_parametrization(module, "weight", prob)
             self.probs[fqn] = prob
         if not self.config.from_scratch:
@@ -333,10 +336,12 @@ class ProbMask(Method):
     def _train_top1(self, loader: DataLoader) -> float:
         """Training accuracy with batch statistics (as official), on `select_batches` batches."""
         self.model.train()
+        device = device_of(self.model)
         correct = count = 0
         for i, (x, y) in enumerate(loader):
             if i >= self.config.select_batches:
                 break
+            x, y = x.to(device), y.to(device)
             correct += int((select_output(self.model(x)).argmax(dim=1) == y).sum())
             count += len(y)
         return correct / max(count, 1)
