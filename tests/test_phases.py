@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from pathlib import Path
 
@@ -78,6 +79,16 @@ def test_every_training_method_has_phases(small_digits, lenet5_digits):
             assert isinstance(phase, Phase) and phase.model is method.model
             names.append(phase.name)
         assert names == expected.get(name, []), name
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_prepare_and_finalize_take_nothing_a_loop_lacks(method):
+    """What prepare() and finalize() needed (loaders, data) now lives in the phases."""
+    cls = get_method(method)
+    assert list(inspect.signature(cls.finalize).parameters) == ["self"]
+    prepare = inspect.signature(cls.prepare).parameters
+    assert list(prepare) in (["self"], ["self", "example_inputs"])
+    assert all(p.default is None for name, p in prepare.items() if name != "self")
 
 
 def test_phase_steps_cap_the_last_epoch(small_digits, lenet5_digits):

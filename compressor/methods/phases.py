@@ -110,7 +110,7 @@ class Phase:
         full = self.epochs * len(self.batches_of())
         return full if self.steps is None else min(self.steps, full)
 
-    def batches(self, epoch: int) -> Iterator[tuple]:
+    def batches(self, epoch: int) -> Iterator[list]:
         """The batches of `epoch` (0-based), this rank's part of each, on the model's device;
         sets the train mode."""
         loader = self.batches_of()
