@@ -37,8 +37,8 @@ from bench.common import OUT, dense_baseline, machine, markdown_table, write_jso
 from compressor import zoo
 from compressor.budget import Budget
 from compressor.distill import train_loader
+from compressor.finetune import finetune_
 from compressor.methods import prune
-from compressor.methods.bar.slim import finetune_
 from compressor.stats import measure
 from compressor.train import Distill, evaluate, recalibrate_batchnorm_
 

@@ -65,6 +65,7 @@ def _timed_phase(arch: str, path: str, loader: DataLoader) -> float:
     """Seconds for one epoch of `loader` through the toolkit's training path."""
     from compressor.budget import parse_budget
     from compressor.methods import get_method
+    from compressor.methods.phases import Phase, train
     from compressor.train import fit, sgd
 
     model = _model(arch)
@@ -76,8 +77,11 @@ def _timed_phase(arch: str, path: str, loader: DataLoader) -> float:
     if path == "probmask":
         method = get_method("probmask")(model, parse_budget(0.9), epochs=1, mask_samples=1)
         method.prepare()
+        optimizer = sgd(method.weight_parameters(), 0.01)
+        loss, clip = method.sampled_loss, method.config.clip_grad
+        phase = Phase("probmask", model, 1, loader, optimizer, loss, None, method.step, clip)
         start = time.perf_counter()
-        method.train(loader)
+        train(phase)
         return time.perf_counter() - start
     method = get_method("bar")(model, parse_budget("4x", metric="volume"), epochs=1)
     method.prepare(next(iter(loader))[0][:2])

@@ -39,7 +39,7 @@ from bench.common import OUT, dense_baseline, machine, markdown_table, write_jso
 from compressor.data import load_data
 from compressor.masks import prunable_layers
 from compressor.methods import prune
-from compressor.methods.base import TARGET_TOLERANCE
+from compressor.methods.targets import TARGET_TOLERANCE
 from compressor.pattern_masks import nm_reach
 from compressor.patterns import parse_pattern
 from compressor.train import evaluate

@@ -33,8 +33,9 @@ from compressor.budget import Budget
 from compressor.data import load_data
 from compressor.distill import train_loader
 from compressor.methods import list_methods, prune
-from compressor.methods.base import check_target
+from compressor.methods.phases import train
 from compressor.methods.probmask import ProbMask
+from compressor.methods.targets import check_target
 from compressor.train import evaluate, sgd
 
 SPEC = "fashion-mnist"
@@ -157,17 +158,20 @@ def probmask_with_choices(model, data, budget: Budget, **config):
     torch.manual_seed(0)
     method = ProbMask(copy.deepcopy(model), budget, **config)
     loader = train_loader(data, method.config.batch_size)
-    method.prepare()
-    method.train(loader)
+    phases = method.phases(data)
+    train(next(phases))  # weights and scores; the mask and fine-tuning follow below
     start, row = time.perf_counter(), {}
     for mask in ("topk", "threshold", "best-of-n"):
         config = dataclasses.replace(method.config, mask=mask, finetune_epochs=0)
         alternative = _trained_copy(method, model, config)
-        result = alternative.finalize(loader)
+        alternative.fix_mask(loader)
+        result = alternative.finalize()
         achieved = result.report["achieved"]["sparsity"]
         row[mask] = f"{evaluate(result.model, data.test):.2%} @ {achieved:.2%}"
     row["choice seconds"] = time.perf_counter() - start
-    result = method.finalize(loader)
+    for phase in phases:  # the top-k mask, BatchNorm, fine-tuning
+        train(phase)
+    result = method.finalize()
     check_target(result.report, budget)
     row["undecided scores"] = f"{result.report['probmask']['undecided_fraction']:.1%}"
     return result.model, row
@@ -202,7 +206,7 @@ def step_times(arch: str, model, data) -> dict:
         _record(times["plain"], i, start)
         for k, (method, optimizer) in methods.items():
             start = time.perf_counter()
-            method.train_step(x, y, optimizer)
+            _train_step(method, optimizer, x, y)
             method.step(0.7)  # after the ramp: the constraint binds, as in most steps
             _record(times[k], i, start)
     medians = {k: statistics.median(v) for k, v in times.items()}
@@ -221,6 +225,14 @@ def _probmask_stepper(model, samples: int):
     method.prepare()
     method.model.train()
     return method, sgd(method.weight_parameters(), 0.01)
+
+
+def _train_step(method: ProbMask, optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One step of ProbMask's training phase up to the method's own step: K samples, clip."""
+    method.sampled_loss(method.model, (x, y)).backward()
+    torch.nn.utils.clip_grad_norm_(method.model.parameters(), method.config.clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _record(times: list[float], index: int, start: float) -> None:
@@ -245,7 +257,7 @@ def step_memory(arch: str, model, data) -> dict:
     method, optimizer = _probmask_stepper(model, 1)
 
     def probmask_step():
-        method.train_step(x, y, optimizer)
+        _train_step(method, optimizer, x, y)
         method.step(0.7)
 
     n = sum(p.numel() for p in method.score_parameters())

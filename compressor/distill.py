@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from compressor.errors import InputError
 from compressor.train import Distill
@@ -63,7 +63,7 @@ def training_data(
 
     generator = torch.Generator().manual_seed(data.seed)
     if data.has_labels:
-        loader = data.train
+        loader = replayed(data.train)
         if loader.batch_size != batch_size:
             loader = DataLoader(
                 loader.dataset, batch_size=batch_size, shuffle=True, generator=generator
@@ -87,12 +87,31 @@ def training_data(
     return TrainingData(loader, Distill(teacher, temperature, alpha), report)
 
 
+def replayed(loader: DataLoader) -> DataLoader:
+    """`loader` with its shuffle restarted from its seed, so every run on the same data sees
+    the same order however often it was read before (each pass moves the generator on)."""
+    generator = loader.generator
+    if generator is None or not isinstance(loader.sampler, RandomSampler):
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(generator.initial_seed()),
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        drop_last=loader.drop_last,
+    )
+
+
 @torch.no_grad()
 def pseudo_labels(teacher: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     """Every input of `loader`'s dataset, in order, and the teacher's argmax for it."""
     ordered = DataLoader(loader.dataset, batch_size=LABEL_BATCH, shuffle=False)
     inputs = torch.cat([batch[0] for batch in ordered])
-    labels = torch.cat([teacher(x).argmax(dim=1) for x in inputs.split(LABEL_BATCH)])
+    device = next(teacher.parameters()).device
+    labels = [teacher(x.to(device)).argmax(dim=1).cpu() for x in inputs.split(LABEL_BATCH)]
+    labels = torch.cat(labels)
     return inputs, labels
 
 

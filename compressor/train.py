@@ -350,6 +350,7 @@ def recalibrate_batchnorm_(
     if not norms:
         return
     saved = [(m.momentum, m.training) for m in norms]
+    device = next(model.parameters()).device  # the loader's batches may be on the CPU
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: every batch weighs the same
@@ -357,7 +358,7 @@ def recalibrate_batchnorm_(
     for i, (x, _) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        model(x)
+        model(x.to(device))
     model.eval()
     for m, (momentum, _) in zip(norms, saved):
         m.momentum = momentum

@@ -6,6 +6,8 @@
     m.step(progress)       # after each optimiser step: projections, schedules
     m.finalize()           # -> Result(model, report); all machinery stripped
 
+`m.phases(data)` yields the whole schedule as training phases (methods/phases.py) and
+`prune()` drives exactly those: a pipeline's own loop gets the same result, bit for bit.
 A method file implements the math; this file holds the machinery once.
 """
 
@@ -15,6 +17,7 @@ import copy
 import dataclasses
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -36,8 +39,10 @@ from compressor.masks import (
     strip_,
     weight_of,
 )
+from compressor.methods.phases import Phase, device_of, drive
+from compressor.methods.targets import check_target, with_pins
 from compressor.outputs import check_task_output, task_output
-from compressor.pattern_masks import method_pattern, pattern_hint, pattern_report
+from compressor.pattern_masks import method_pattern, pattern_report
 from compressor.stats import sparsity_of
 
 if TYPE_CHECKING:
@@ -45,8 +50,6 @@ if TYPE_CHECKING:
 
     from compressor.data import Data
     from compressor.train import Distill
-
-TARGET_TOLERANCE = 0.005  # DESIGN.md: achieved within 0.5 % of the request
 
 
 @dataclass(frozen=True)
@@ -168,10 +171,15 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         """Restores what `state_dict()` returned (on the same prepared method)."""
 
-    def run(self, data: Data | None) -> Result:
-        """The method's own schedule (post-training methods: prepare then finalize)."""
+    def phases(self, data: Data | None) -> Iterator[Phase]:
+        """The method's whole schedule, phase by phase (the loop: methods/phases.py); a
+        post-training method has none, its work is `prepare()` and `finalize()`."""
         self.prepare()
-        return self.finalize()
+        yield from ()
+
+    def run(self, data: Data | None) -> Result:
+        """Trains every phase of `phases(data)` as `prune()` does, then `finalize()`."""
+        return drive(self, data)
 
     def floors(self, keep_total: int) -> dict[str, int] | None:
         """Per-layer minimum kept weights for `keep_total` in all (None: collapse allowed)."""
@@ -224,13 +232,8 @@ class MaskMethod(Method):
 
 def _layer_row(fqn: str, module: nn.Module) -> dict:
     weight = module.weight.detach()
-    zeros = int((weight == 0).sum())
-    return {
-        "fqn": fqn,
-        "params": weight.numel(),
-        "zeros": zeros,
-        "sparsity": zeros / weight.numel(),
-    }
+    zeros, params = int((weight == 0).sum()), weight.numel()
+    return {"fqn": fqn, "params": params, "zeros": zeros, "sparsity": zeros / params}
 
 
 def _with_overrides(config: MethodConfig, overrides: dict, name: str) -> MethodConfig:
@@ -252,26 +255,6 @@ def _jsonable(value):
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-
-
-def check_target(report: dict, budget: Budget) -> None:
-    """Raises TargetNotReachedError unless the achieved value is within tolerance."""
-    if budget.metric != "weights":
-        achieved = report.get("achieved", {}).get("keep")
-    else:
-        achieved = 1.0 - report["achieved"]["sparsity"]
-    if achieved is None:
-        raise TargetNotReachedError(
-            f"method {report['method']!r} reported no achieved {budget.metric}"
-        )
-    if abs(achieved - budget.keep) > TARGET_TOLERANCE + 1e-12:
-        # the message carries the why: a failed run writes no report to look in
-        hint = pattern_hint(report)
-        why = hint[2:] if hint else report.get("miss") or "the method recorded no reason"
-        raise TargetNotReachedError(
-            f"{report['method']}: asked for {budget.describe()} but reached keep fraction "
-            f"{achieved:.4f} (target {budget.keep:.4f}): {why}"
-        )
 
 
 def clone_model(model: nn.Module) -> nn.Module:
@@ -325,7 +308,8 @@ def prune(
     instance = cls(clone_model(model) if copy_model else model, budget, **config)
     if data is not None and cls.needs != "nothing":  # a wrong --task-output fails now
         classes = data.num_classes if cls.needs == "labels" else None
-        check_task_output(instance.model, data.sample_inputs(2), instance.config.output, classes)
+        example = data.sample_inputs(2).to(device_of(instance.model))
+        check_task_output(instance.model, example, instance.config.output, classes)
     empty_before = tuple(empty_layers(model, instance.config.exclude))
     before = model_names(instance.model)  # for the postcondition: finalize() leaves none
     session = {"path": checkpoint_path, "resume": resume, "fingerprint": None}
@@ -379,21 +363,3 @@ def _run_session(
         "rank_digests": digests,  # of the final model and method state, all equal
         "rank_checks": run.checks,
     }
-
-
-def with_pins(exc: TargetNotReachedError, model: nn.Module, method: Method) -> Exception:
-    """A structured method's budget error, naming the ops that pin the most channels.
-
-    Falls back to `exc` itself when the method has no example inputs, counts weights, or
-    the model cannot be analysed (the budget error is the one to report then).
-    """
-    example = getattr(method, "example", None)
-    if example is None or method.budget.metric == "weights":
-        return exc
-    from compressor.surgery.pins import describe_pins
-
-    try:
-        pins = describe_pins(model, example)
-    except Exception:  # an explanation must never replace the error it explains
-        return exc
-    return TargetNotReachedError(f"{exc}; {pins}") if pins else exc

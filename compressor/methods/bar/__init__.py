@@ -11,17 +11,33 @@ where V is the hard cost (activation volume or FLOPs) of the channels whose test
 nonzero, f = g((V - a) / (b - a)) with g(x) = x^2 / (1 - x) is a barrier used as a plain
 number (no gradient), and b falls from 1.01 V0 to the budget B along the sigmoidal T(t, d).
 Then: the decision is taken (channels whose test gate is 0 die; a final step removes or
-restores channels by gate value until the cost is within 1 % below B), the gate values are
-folded into the norm layers, `surgery.slim_` removes the dead channels, and the slimmed
-network trains more (phase 2) and a little more at a lower learning rate (phase 3).
+restores channels by gate value until the cost lies within the tolerance below B), the gate
+values are folded into the norm layers, `surgery.slim_` removes the dead channels, and the
+slimmed network trains more (phase 2) and a little more at a lower learning rate (phase 3).
 
-Choices of ours, where METHODS.md is silent: L_S enters divided by the dense cost V0, so
-`lambda_` does not depend on the input size; the gates have their own SGD and, since f is
-1e10 once the cost reaches b, the penalty's gradient norm is capped (`gate_clip`); phases 2
-and 3 train the slimmed network, which computes exactly what the network with frozen gates
-computes (the gates are folded into the norms) at a fraction of the cost; BatchNorm
-statistics are re-estimated after slimming. For the FLOP metric a channel's A_l is its
-dense MACs in its producers plus its consumers (shared among a mixed stream's producers).
+Choices of ours, where METHODS.md is silent or we depart from it:
+
+* L_S enters divided by the dense cost V0, so `lambda_` does not depend on the input size.
+* The gates have their own SGD and, since f is 1e10 once the cost reaches b, the penalty's
+  gradient norm is capped (`gate_clip`).
+* One Hard Concrete sample per channel and forward, shared by every example of the batch
+  (Louizos et al. draw one per example). Why: a gate is then one vector broadcast over the
+  batch, as at test time, and the barrier's V is a property of the network, not of an
+  example; the price is a noisier gradient per step.
+* Every gate unit keeps at least one channel (its highest log alpha) even when all its test
+  gates are 0, where METHODS.md would let the layer die. Why: a layer with no channels
+  makes the output constant, which DESIGN.md counts as a failure, not a result.
+* Fixed channels (model inputs and outputs, ops surgery cannot slim) are left out of L_S
+  though they count in V. Why: no gate can remove them, so penalising them would only push
+  gates that cannot act; their cost is the same whatever happens.
+* The tolerance: the cost ends below B by at most min(`tolerance` * B, 0.5 % V0), not
+  simply "within 1 %": the 1 % of issue 7, tightened to DESIGN.md's promise that the
+  achieved keep fraction is within 0.5 % (of V0) of the request, which prune() checks.
+* Phases 2 and 3 train the slimmed network, which computes exactly what the network with
+  frozen gates computes (the gates are folded into the norms) at a fraction of the cost;
+  BatchNorm statistics are re-estimated after slimming.
+* For the FLOP metric a channel's A_l is its dense MACs in its producers plus its consumers
+  (shared among a mixed stream's producers).
 """
 
 from __future__ import annotations
@@ -46,8 +62,8 @@ from compressor.methods.bar.slim import (
     example_of,
     excluder,
     own_counts,
-    recalibrate_and_finetune_,
     slim_model,
+    slimmed_finetune_phase,
     structured_report,
     tied_fallback,
 )
@@ -59,31 +75,38 @@ from compressor.methods.base import (
     clone_model,
     register_method,
 )
+from compressor.methods.phases import Phase, device_of, task_loss_of
 from compressor.surgery.cost import CostModel
 from compressor.surgery.fit import check_round_to, fit_budget
 from compressor.surgery.streams import check_exact
-from compressor.train import Distill, fit, sgd
+from compressor.train import Distill, sgd
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from compressor.data import Data
 
 
 @dataclass(frozen=True)
 class BarConfig(MethodConfig):
-    """BAR hyper-parameters; each default names its source."""
+    """BAR hyper-parameters, grouped as METHODS.md §3's paragraphs; each default names its
+    source. `--set name=value` takes any field by its flat name."""
 
-    # Phase 1, training with gates. Paper (CIFAR): 80 epochs; scaled down for small data.
-    epochs: int = 8
-    # Phases 2 + 3, gates frozen (the slimmed net trains). Paper: 40 + 10 epochs, scaled.
-    finetune_epochs: int = 5
-    lowlr_fraction: float = 0.2  # phase 3's share of phases 2 + 3: paper 10 of 40 + 10 epochs
-    lowlr_factor: float = 0.1  # phase 3 "lowers the learning rate": the usual 10x step
-    # Weights: SGD momentum 0.9, wd 5e-4 (paper's CIFAR setup). We start from a trained
-    # model, so a fine-tuning lr (a tenth of the usual 0.1), constant until phase 3.
-    lr: float = 0.01
-    momentum: float = 0.9  # paper: SGD momentum 0.9
-    weight_decay: float = 5e-4  # paper: weight decay 5e-4
-    # Gates: their own SGD. A step in proportion to the gradient keeps L_S's weighting (a
+    # --- Gates, L_S and the barrier (METHODS.md: gate, sparsity loss, barrier, budget
+    # schedule). Hard Concrete z per channel; L = L_task + lambda f(V, a, b) L_S.
+    beta: float = 2 / 3  # Hard Concrete temperature (Louizos et al. 2018; METHODS.md)
+    gamma: float = -0.1  # stretch interval lower end (METHODS.md)
+    zeta: float = 1.1  # stretch interval upper end (METHODS.md)
+    log_alpha_init: float = 0.0  # METHODS.md: log alpha = 0 + 0.01 U(0, 1)
+    log_alpha_noise: float = 0.01  # METHODS.md: the 0.01 U(0, 1) part
+    # Weight of L_S. Ours multiplies L_S / V0 (L_S in units of the dense cost), so one value
+    # serves every input size; the paper's lambda on raw volumes is this / V0.
+    lambda_: float = 1.0
+    transition_d: float = 10.0  # METHODS.md: d = 10 in T(t, d)
+    start_slack: float = 0.01  # METHODS.md: b starts at 1.01 V0
+    # a = B (1 - margin): "a is just below B"; 1e-4 as the public BAR port's margin.
+    margin: float = 1e-4
+    # The gates' own SGD. A step in proportion to the gradient keeps L_S's weighting (a
     # channel of a large feature map is pushed harder), which Adam's per-gate normalisation
     # would erase: its gates would all drift down together and die together.
     gate_lr: float = 0.1
@@ -93,31 +116,36 @@ class BarConfig(MethodConfig):
     # direction at a bounded rate while the task gradient still counts (ours; METHODS.md
     # leaves the optimiser open). About the task gradient's norm on our models.
     gate_clip: float = 1.0
-    batch_size: int = 64  # the toolkit's loader default (paper: 64 on CIFAR)
+
+    # --- The decision and slimming (METHODS.md: hard-prune; mixed-connectivity blocks).
     residual: str = "mixed"  # supplement: mixed-connectivity blocks; "tied" for comparison
-    # Weight of L_S. Ours multiplies L_S / V0 (L_S in units of the dense cost), so one value
-    # serves every input size; the paper's lambda on raw volumes is this / V0.
-    lambda_: float = 1.0
-    beta: float = 2 / 3  # Hard Concrete temperature (Louizos et al. 2018; METHODS.md)
-    gamma: float = -0.1  # stretch interval lower end (METHODS.md)
-    zeta: float = 1.1  # stretch interval upper end (METHODS.md)
-    log_alpha_init: float = 0.0  # METHODS.md: log alpha = 0 + 0.01 U(0, 1)
-    log_alpha_noise: float = 0.01  # METHODS.md: the 0.01 U(0, 1) part
-    transition_d: float = 10.0  # METHODS.md: d = 10 in T(t, d)
-    start_slack: float = 0.01  # METHODS.md: b starts at 1.01 V0
-    # a = B (1 - margin): "a is just below B"; 1e-4 as the public BAR port's margin.
-    margin: float = 1e-4
-    distill: bool = True  # METHODS.md: KD from the dense model when one exists, else CE
-    temperature: float = 4.0  # METHODS.md: KD T = 4
-    alpha: float = 0.9  # METHODS.md: KD alpha = 0.9
-    # The budget is met from below to within this fraction (issue 7: within 1 %).
+    # The budget is met from below to within min(tolerance * B, 0.5 % V0): issue 7's 1 %,
+    # tightened to DESIGN.md's 0.5 % of the dense cost where that is smaller.
     tolerance: float = 0.01
+
+    # --- Schedule (METHODS.md: train with gates, hard-prune, train more, lower the lr and
+    # train a little more; paper 80/40/10 epochs on CIFAR, scaled down for small data).
+    epochs: int = 8  # phase 1, training with gates
+    finetune_epochs: int = 5  # phases 2 + 3, gates frozen (the slimmed net trains)
+    lowlr_fraction: float = 0.2  # phase 3's share of phases 2 + 3: paper 10 of 40 + 10 epochs
+    lowlr_factor: float = 0.1  # phase 3 "lowers the learning rate": the usual 10x step
+    # Weights: SGD momentum 0.9, wd 5e-4 (paper's CIFAR setup). We start from a trained
+    # model, so a fine-tuning lr (a tenth of the usual 0.1), constant until phase 3.
+    lr: float = 0.01
+    momentum: float = 0.9  # paper: SGD momentum 0.9
+    weight_decay: float = 5e-4  # paper: weight decay 5e-4
+    batch_size: int = 64  # the toolkit's loader default (paper: 64 on CIFAR)
     # BatchNorm statistics gathered under sampled gates are re-estimated on the slimmed
     # model (this many batches) before it trains on.
     bn_batches: int = 100
     # --round-to: every slimmed layer keeps a multiple of this many channels (or all of
     # them), the widths vectorised kernels run fastest at; 1 leaves counts free
     round_to: int = 1
+
+    # --- Distillation (METHODS.md: objective): L_task is KD from the dense model.
+    distill: bool = True  # METHODS.md: KD from the dense model when one exists, else CE
+    temperature: float = 4.0  # METHODS.md: KD T = 4
+    alpha: float = 0.9  # METHODS.md: KD alpha = 0.9
 
 
 @register_method("bar")
@@ -147,6 +175,7 @@ class Bar(Method):
         self.masks: list[torch.Tensor] | None = None
         self.multiplier = 0.0
         self.current = 0.0
+        self.result: Result | None = None  # the slimmed model and report, once slimmed
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -169,6 +198,7 @@ class Bar(Method):
                 self.costs, unit, self.budget.metric, counts.get(unit.group.id, 0)
             )
         self.gates = Gates(units, cfg.beta, cfg.gamma, cfg.zeta)
+        self.gates.to_(device_of(self.model))
         self.gates.install_(self.model)
         self.gate_optimizer = torch.optim.SGD(
             self.gates.parameters(), lr=cfg.gate_lr, momentum=cfg.gate_momentum
@@ -222,12 +252,19 @@ class Bar(Method):
         self.multiplier, self.current = state["multiplier"], state["current"]
 
     def finalize(self) -> Result:
+        """The slimmed, gate-free model (slimmed now unless `phases()` has) and the report."""
+        if self.result is None:
+            self.slim()
+        self.model.eval()
+        return self.result
+
+    def slim(self) -> None:
         """Meets the budget, folds the gates into the norms, removes hooks, slims."""
         if self.masks is None:
             self.decide()
         self.gates.bake_(self.model)
         self.gates.remove_()
-        keep = keep_dict(self.gates.units, self.masks)
+        keep = keep_dict(self.gates.units, [m.cpu() for m in self.masks])
         tied = self.costs.predict(keep, "tied")  # priced before slimming changes the layers
         slimmed = slim_model(self.model, keep, self.example, self.config.residual)
         config = _jsonable(self.config.__dict__)
@@ -236,7 +273,8 @@ class Bar(Method):
         )
         report["budget_step"]["note"] = self._note()
         report["tied_streams"] = list(self.tied.values())
-        return Result(slimmed.model, report)
+        self.model = slimmed.model  # what the fine-tuning phases train
+        self.result = Result(slimmed.model, report)
 
     # --- the schedule and the decision ------------------------------------------------------
 
@@ -255,7 +293,9 @@ class Bar(Method):
         return masks
 
     def cost_of(self, masks: list[torch.Tensor]) -> float:
-        return self.costs.cost(keep_dict(self.gates.units, masks), self.budget.metric)
+        # the cost engine counts on the CPU, wherever the gates live
+        keep = keep_dict(self.gates.units, [m.cpu() for m in masks])
+        return self.costs.cost(keep, self.budget.metric)
 
     def _refresh(self, progress: float) -> None:
         self.current = self.cost_of(self.learned_masks())
@@ -298,27 +338,17 @@ class Bar(Method):
 
     # --- the schedule of phases -------------------------------------------------------------
 
-    def run(self, data: Data | None) -> Result:
-        """Phase 1 with gates, the decision and slimming, then phases 2 and 3 slimmed."""
+    def phases(self, data: Data | None) -> Iterator[Phase]:
+        """Phase 1 with gates; the decision and slimming; phases 2 and 3 on the slimmed net."""
         cfg = self.config
         # without labels the dense model's soft targets and pseudo-labels replace them
         loader = self.training_data(data, cfg.batch_size, cfg.temperature, cfg.alpha)
         distill = self.soft_targets
         if distill is None and cfg.distill:
             distill = Distill(clone_model(self.model).eval(), cfg.temperature, cfg.alpha)
-        self.prepare(data.sample_inputs(2))
-        if cfg.epochs > 0:
-            optimizer = sgd(self.model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-            fit(
-                self.model,
-                loader,
-                epochs=cfg.epochs,
-                optimizer=optimizer,
-                distill=distill,
-                penalty=self.penalty,
-                after_step=self.step,
-                description="bar: gates",
-            )
-        result = self.finalize()
-        recalibrate_and_finetune_(result.model, loader, cfg, distill)
-        return result
+        self.prepare(data.sample_inputs(2).to(device_of(self.model)))
+        optimizer = sgd(self.model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+        loss = task_loss_of(distill, self.penalty)
+        yield Phase("bar: gates", self.model, cfg.epochs, loader, optimizer, loss, None, self.step)
+        self.slim()
+        yield slimmed_finetune_phase(self.model, loader, cfg, distill)

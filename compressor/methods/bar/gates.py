@@ -173,6 +173,18 @@ class Gates:
     def parameters(self) -> list[nn.Parameter]:
         return [u.log_alpha for u in self.units]
 
+    def to_(self, device: torch.device) -> None:
+        """Moves every unit's tensors to `device` (the model's), before any optimiser holds
+        the log alphas. In place; their values are drawn on the CPU, so every device starts
+        from the same gates."""
+        for unit in self.units:
+            if unit.log_alpha.device == device:
+                continue
+            unit.fixed, unit.weight = unit.fixed.to(device), unit.weight.to(device)
+            unit.log_alpha = nn.Parameter(unit.log_alpha.detach().to(device))
+            for target in unit.targets:
+                target.positions = target.positions.to(device)
+
     def test_values(self, unit: GateUnit) -> torch.Tensor:
         """Deterministic gates (fixed channels at 1); the frozen values once decided."""
         if unit.frozen is not None:

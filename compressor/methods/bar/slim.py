@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader
 
 from compressor.errors import InputError
 from compressor.examples import example_inputs_of
-from compressor.finetune import finetune_, step_lambda
+from compressor.finetune import step_lambda
 from compressor.methods.bar.gates import GateUnit
+from compressor.methods.phases import Phase, finetune_phase
 from compressor.stats import measure
 from compressor.surgery import SlimResult, slim_
 from compressor.surgery.cost import CostModel
@@ -65,16 +66,16 @@ def slim_model(model: nn.Module, keep: dict, example: tuple, residual: str) -> S
     return result
 
 
-def recalibrate_and_finetune_(model: nn.Module, loader: DataLoader, cfg, distill) -> nn.Module:
-    """BatchNorm statistics re-estimated on the slimmed model, then the fine-tuning phases.
+def slimmed_finetune_phase(model: nn.Module, loader: DataLoader, cfg, distill) -> Phase:
+    """BatchNorm re-estimated on the slimmed model, then its fine-tuning phase (BAR's phases
+    2 and 3): a constant lr, then lr * lowlr_factor for the last lowlr_fraction of the steps.
 
     Shared by BAR and its magnitude baseline so both get the same training after pruning.
-    Modifies `model` in place and leaves it in eval mode.
+    Modifies `model`'s BatchNorm statistics in place.
     """
     recalibrate_batchnorm_(model, loader, max_batches=cfg.bn_batches)
-    # constant lr, then lr * lowlr_factor for the last lowlr_fraction of the steps
     drop = round(cfg.finetune_epochs * len(loader) * (1.0 - cfg.lowlr_fraction))
-    finetune_(
+    return finetune_phase(
         model,
         loader,
         epochs=cfg.finetune_epochs,
@@ -82,7 +83,6 @@ def recalibrate_and_finetune_(model: nn.Module, loader: DataLoader, cfg, distill
         lr_factor=step_lambda(drop, cfg.lowlr_factor),
         distill=distill,
     )
-    return model.eval()
 
 
 def structured_report(

@@ -11,8 +11,18 @@ The official code never enforces r0 exactly; this implementation ends with an ex
 all thresholds are scaled by one common factor `f` (`t_l' = t_l * f`, an offset in units of
 each layer's threshold) so that the global count of zeros is exactly round(r0 * N).
 
-`reconstruct="obs"` (ours) keeps only the per-layer counts of that step: the dense weights
-come back and SparseGPT's layer solve (`sparsegpt`) prunes each layer to its count.
+Choices of ours, where METHODS.md is silent or we depart from it:
+
+* The exact step above (the official code stops at the learned thresholds).
+* Weight decay (3e-4) applies to every network parameter, biases and BatchNorm's affine
+  parameters included; only the thresholds get `threshold_decay` (0). METHODS.md says
+  "on weights", meaning the network as against the thresholds; excluding biases and norms
+  as well would be a third group we have not measured, so the one group stays.
+* The KDE density (`density="kde"`) centres its 100 kernels on the standardised weights'
+  quantiles at (k + 0.5) / 100 instead of the paper's 100 randomly sampled points: the
+  estimate is then reproducible and does not depend on which weights a draw picks.
+* `reconstruct="obs"` keeps only the per-layer counts of the exact step: the dense weights
+  come back and SparseGPT's layer solve (`sparsegpt`) prunes each layer to its count.
 
 With `--pattern` (compressor/pattern_masks.py) the exact step ranks groups instead of
 weights, on the same threshold units: a weight's score is |w| / t_l, a block's the sum over
@@ -21,10 +31,10 @@ group keeps its N largest |w| / t_l, on the layers that lose the least |w| / t_l
 weight. With RxC blocks the thresholds act on blocks from the start: each block's mean |w|
 takes the place of a weight's |w| in the mask (`block_magnitudes`), the ERK start and the
 bridge (its density is the block means'), so the reconstruction trains the weights under
-block masks. N:M trains per weight (which layers carry it is decided at the end). No common factor on the thresholds
-expresses a group ranking, so such a report has no `offset` (None) and the final
-thresholds are the learned ones. With "obs", SparseGPT keeps the pattern (its own
-saliency per group) on the layers and counts this step chose.
+block masks. N:M trains per weight (which layers carry it is decided at the end). No
+common factor on the thresholds expresses a group ranking, so such a report has no
+`offset` (None) and the final thresholds are the learned ones. With "obs", SparseGPT keeps
+the pattern (its own saliency per group) on the layers and counts this step chose.
 """
 
 from __future__ import annotations
@@ -49,7 +59,10 @@ from compressor.pattern_masks import select_masks
 from compressor.patterns import Pattern, expand_units, group_sums, unit_sizes
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from compressor.data import Data
+    from compressor.methods.phases import Phase
 
 RECONSTRUCTIONS = ("threshold", "obs")
 
@@ -62,7 +75,7 @@ class FcptsConfig(ReconstructionConfig):
     threshold_decay: float = 0.0  # official run.sh: EXTRA.st_decay 0.0 (no decay on s)
     density: str = "histogram"  # official: 100-bin histogram; "kde" is the paper's variant
     bins: int = 100  # official: bins_num = 100
-    kde_points: int = 100  # paper: 100 sampled points
+    kde_points: int = 100  # paper: 100 points; ours: centred quantiles, not a random sample
     kde_bandwidth: float = 0.5  # paper: bandwidth 0.5 (in std units of the weights)
     s_min: float = -30.0  # official: min_score = -30 when initialising s
     s_max: float = 30.0  # ours: caps logit(t) for thresholds >= 1 (weights larger than 1)
@@ -161,10 +174,9 @@ def exact_masks(
 class Fcpts(ReconstructionMethod):
     """Learned per-layer thresholds under a global sparsity constraint, then an exact step.
 
-    `run(data)` does the whole schedule. To drive the lifecycle from your own loop:
-    `prepare()`; per step add `penalty()` (the control loss) to your reconstruction loss and
-    step an optimiser over `param_groups()`; then `finalize()` (the exact step; a plain
-    module comes out) and re-estimate BatchNorm with `compressor.train.recalibrate_batchnorm_`.
+    `phases(data)` is the whole schedule: one reconstruction phase whose loss holds the
+    control loss `penalty()` and whose optimiser steps `param_groups()`; `finalize()` takes
+    the exact step, re-estimates BatchNorm and returns a plain module.
     """
 
     Config: ClassVar[type[FcptsConfig]] = FcptsConfig
@@ -231,7 +243,8 @@ class Fcpts(ReconstructionMethod):
         return self.config.lambda_c * (self.global_sparsity() - self.budget.sparsity).abs()
 
     def param_groups(self) -> list[dict]:
-        """Weights (weight decay) and thresholds (`threshold_decay`, 0 as official)."""
+        """Network parameters, biases and norms included (weight decay), and thresholds
+        (`threshold_decay`, 0 as official)."""
         scores = [mask.score for mask in self._masks().values()]
         ids = {id(s) for s in scores}
         weights = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
@@ -249,21 +262,22 @@ class Fcpts(ReconstructionMethod):
             below = {f: expand_units(b, shapes[f], self.pattern) for f, b in below.items()}
         return {f: int(b.sum()) / self.sizes[f] for f, b in below.items()}
 
-    def run(self, data: Data | None) -> Result:
-        """The whole schedule; with `reconstruct="obs"` the calibration inputs are kept for
-        the final layer solve."""
+    def phases(self, data: Data | None) -> Iterator[Phase]:
+        """The reconstruction schedule; with `reconstruct="obs"` the calibration inputs are
+        kept for the final layer solve."""
         if self.config.reconstruct == "obs":
             self.obs_inputs = calibration_inputs(
                 data, self.config.calib_samples, self.config.batch_size
             )
-        return super().run(data)
+        yield from super().phases(data)
 
     def finalize(self) -> Result:
         """The exact step, then bakes the masks and removes every ThresholdMask.
 
         With `reconstruct="obs"` the exact step only fixes the per-layer counts: the dense
         weights (`self.teacher`) are restored and SparseGPT prunes each layer to its count
-        on `self.obs_inputs` (both set by `run`).
+        on `self.obs_inputs` (both set by `phases`). BatchNorm is re-estimated on the
+        calibration data when `phases(data)` ran.
         """
         learned_t = {f: float(t.detach()) for f, t in self.thresholds().items()}
         learned = self.allocation(learned_t)
@@ -285,13 +299,14 @@ class Fcpts(ReconstructionMethod):
             report["obs"] = self._obs_solve_(masks)
         else:
             bake_masks_(self.layers, masks)
+        self.recalibrate_(self.model)
         return Result(self.model, self.base_report() | report)
 
     def _obs_solve_(self, masks: dict[str, torch.Tensor]) -> dict:
         """Dense weights back, then SparseGPT to the exact step's per-layer counts. In place."""
         if getattr(self, "teacher", None) is None or getattr(self, "obs_inputs", None) is None:
             raise CompressorError(
-                "reconstruct='obs' needs the dense model and calibration inputs: use run(data), "
+                "reconstruct='obs' needs the dense model and calibration inputs: use phases(data), "
                 "or set `teacher` and `obs_inputs` before finalize()"
             )
         self.model.load_state_dict(self.teacher.state_dict())

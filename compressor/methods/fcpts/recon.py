@@ -11,7 +11,7 @@ are re-estimated on the calibration data at the end.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -19,15 +19,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from compressor import distributed
 from compressor.errors import InputError
 from compressor.examples import calibration_inputs
 from compressor.masks import apply_masks_, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, clone_model, register_method
 from compressor.methods.magnitude import erk_counts, masks_from_counts
+from compressor.methods.phases import Phase, epochs_for
 from compressor.outputs import distill_loss, flat_tensors
 from compressor.pattern_masks import layer_masks
-from compressor.train import progress, recalibrate_batchnorm_, sgd_cosine
+from compressor.train import recalibrate_batchnorm_, sgd_cosine
 
 if TYPE_CHECKING:
     from compressor.data import Data
@@ -42,7 +42,9 @@ class ReconstructionConfig(MethodConfig):
     batch_size: int = 64  # official run.sh: --batch-size 64
     lr: float = 0.01  # official: BASE_LR 0.04 scaled by batch/256 -> 0.01 (weights and thresholds)
     momentum: float = 0.9  # official: SGD momentum 0.9
-    weight_decay: float = 3e-4  # official run.sh: TRAIN.WEIGHT_DECAY 3e-4 (weights only)
+    # official run.sh: TRAIN.WEIGHT_DECAY 3e-4; on every network parameter (biases and norms
+    # too), not on FCPTS's thresholds (their own `threshold_decay`)
+    weight_decay: float = 3e-4
     warmup_epochs: float = 1.0  # official run.sh: TRAIN.WARMUP_EPOCHS 1, then cosine per step
     temperature: float = 4.0  # official: DistillKL(4), net-wise on the final output
 
@@ -66,12 +68,6 @@ def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor, batch_size: int) -
     return [torch.cat(parts) for parts in zip(*batches)]
 
 
-def _batches(loader: DataLoader) -> Iterator:
-    """Cycles over `loader` forever; each pass reshuffles with the loader's generator."""
-    while True:
-        yield from loader
-
-
 def _norms_train_only(model: nn.Module) -> None:
     """BatchNorm in training mode (batch statistics, as official), everything else in eval
     mode so dropout and the like do not add noise to a deterministic target."""
@@ -79,57 +75,6 @@ def _norms_train_only(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.train()
-
-
-def reconstruct_(
-    model: nn.Module,
-    teacher: nn.Module,
-    data: Data,
-    config: ReconstructionConfig,
-    param_groups: list[dict],
-    penalty: Callable[[], torch.Tensor] | None = None,
-    description: str = "reconstruct",
-) -> dict:
-    """Trains `model` (in place) to match `teacher` on the calibration inputs.
-
-    One SGD over `param_groups`, cosine per step after a linear warm-up of
-    `config.warmup_epochs` passes. Returns the per-step loss history.
-    """
-    device = next(model.parameters()).device
-    inputs = calibration_inputs(data, config.calib_samples, config.batch_size).to(device)
-    targets = teacher_outputs(teacher, inputs, config.batch_size)
-    seed = int(torch.randint(2**31 - 1, ()))  # drawn from the seeded global RNG: reproducible
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        TensorDataset(inputs, *targets), config.batch_size, shuffle=True, generator=generator
-    )
-    optimizer, scheduler = sgd_cosine(
-        param_groups,
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=0.0,
-        total_steps=config.steps,
-        warmup_steps=round(config.warmup_epochs * len(loader)),
-    )
-    history = {"reconstruction": [], "penalty": [], "steps_per_epoch": len(loader)}
-    history["samples"] = len(inputs)
-    _norms_train_only(model)
-    # data-parallel: every rank draws the same batch and trains on its slice of it
-    net, rank, world = distributed.wrap(model), distributed.rank(), distributed.world_size()
-    with progress(config.steps, description) as advance:
-        for _, (x, *target) in zip(range(config.steps), _batches(loader)):
-            x, target = x[rank::world], [t[rank::world] for t in target]
-            rec = distill_loss(net(x), target, config.temperature)
-            extra = penalty() if penalty is not None else torch.zeros(())
-            optimizer.zero_grad(set_to_none=True)
-            (rec + extra).backward()
-            optimizer.step()
-            scheduler.step()
-            history["reconstruction"].append(rec.item())
-            history["penalty"].append(extra.item())
-            advance(rec=history["reconstruction"][-1], penalty=history["penalty"][-1])
-    model.eval()
-    return history
 
 
 def loss_summary(history: dict) -> dict:
@@ -164,34 +109,75 @@ class ReconstructionMethod(Method):
     demo_config: ClassVar[dict] = {"steps": 100, "calib_samples": 256}
     smoke_config: ClassVar[dict] = {"steps": 4, "calib_samples": 64}  # every phase, quickly
     history: dict | None = None
+    calibration: DataLoader | None = None  # BatchNorm's re-estimation data (phases())
 
     def param_groups(self) -> list[dict]:
         """The optimiser's parameter groups (weights with weight decay)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         return [{"params": params, "weight_decay": self.config.weight_decay}]
 
-    def run(self, data: Data | None) -> Result:
-        """Prepares, reconstructs against a frozen dense copy, finalizes, re-estimates BN."""
-        if self.config.steps < 0 or self.config.calib_samples < 1 or self.config.batch_size < 1:
+    def phases(self, data: Data | None) -> Iterator[Phase]:
+        """Prepares against a frozen dense copy, then one reconstruction phase; `finalize()`
+        re-estimates BatchNorm on the calibration data."""
+        cfg = self.config
+        if cfg.steps < 0 or cfg.calib_samples < 1 or cfg.batch_size < 1:
             raise InputError("steps must be >= 0, calib_samples and batch_size >= 1")
         self.teacher = frozen_copy(self.model)
         self.prepare()
-        uses_penalty = type(self).penalty is not Method.penalty
-        self.history = reconstruct_(
-            self.model,
-            self.teacher,
-            data,
-            self.config,
+        yield self.reconstruction_phase(data)
+        self.calibration = data.calibration(cfg.calib_samples, cfg.batch_size)
+
+    def reconstruction_phase(self, data: Data) -> Phase:
+        """`steps` SGD steps over `param_groups()` matching the teacher on the calibration
+        inputs, cosine per step after a linear warm-up of `warmup_epochs` passes."""
+        cfg = self.config
+        device = next(self.model.parameters()).device
+        inputs = calibration_inputs(data, cfg.calib_samples, cfg.batch_size).to(device)
+        targets = teacher_outputs(self.teacher, inputs, cfg.batch_size)
+        seed = int(torch.randint(2**31 - 1, ()))  # drawn from the seeded global RNG: reproducible
+        generator = torch.Generator().manual_seed(seed)
+        dataset = TensorDataset(inputs, *targets)
+        loader = DataLoader(dataset, cfg.batch_size, shuffle=True, generator=generator)
+        optimizer, scheduler = sgd_cosine(
             self.param_groups(),
-            self.penalty if uses_penalty else None,
-            description=self.name,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=0.0,  # each group carries its own
+            total_steps=cfg.steps,
+            warmup_steps=round(cfg.warmup_epochs * len(loader)),
         )
-        result = self.finalize()
-        loader = data.calibration(self.config.calib_samples, self.config.batch_size)
-        # no autograd graph: the same statistics, without keeping every activation alive
-        with torch.no_grad():
-            recalibrate_batchnorm_(result.model, loader)
-        return result
+        self.history = {"reconstruction": [], "penalty": [], "steps_per_epoch": len(loader)}
+        self.history["samples"] = len(inputs)
+        return Phase(
+            self.name,
+            self.model,
+            epochs_for(cfg.steps, loader),
+            loader,
+            optimizer,
+            self.reconstruction_loss,
+            scheduler,
+            steps=cfg.steps,
+            split="slice",  # data-parallel: every rank draws the same batch, trains its slice
+            mode=_norms_train_only,
+            checkpointed=False,  # minutes long: not worth a checkpoint (README)
+        )
+
+    def reconstruction_loss(self, net: nn.Module, batch: tuple) -> torch.Tensor:
+        """L_rec against the cached teacher outputs, plus the method's penalty (recorded)."""
+        x, *target = batch
+        rec = distill_loss(net(x), target, self.config.temperature)
+        uses_penalty = type(self).penalty is not Method.penalty
+        extra = self.penalty() if uses_penalty else torch.zeros(())
+        self.history["reconstruction"].append(rec.item())
+        self.history["penalty"].append(extra.item())
+        return rec + extra
+
+    @torch.no_grad()  # the same statistics, without keeping every activation alive
+    def recalibrate_(self, model: nn.Module) -> None:
+        """Eval mode; BatchNorm re-estimated on the calibration data once `phases()` ran."""
+        model.eval()
+        if self.calibration is not None:
+            recalibrate_batchnorm_(model, self.calibration)
 
     def loss_report(self) -> dict:
         return {"loss": loss_summary(self.history)} if self.history is not None else {}
@@ -221,4 +207,5 @@ class ErkReconstruction(ReconstructionMethod):
 
     def finalize(self) -> Result:
         strip_(self.model)
+        self.recalibrate_(self.model)
         return Result(self.model, self.base_report() | self.loss_report())

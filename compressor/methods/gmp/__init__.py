@@ -25,15 +25,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import DataLoader
 
-from compressor.finetune import finetune_masked_
 from compressor.masks import apply_masks_, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
+from compressor.methods.phases import Phase, masked_finetune_phase, task_loss_of
 from compressor.pattern_masks import select_masks
-from compressor.train import fit, sgd_cosine
+from compressor.train import sgd_cosine
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from compressor.data import Data
 
 
@@ -130,39 +131,32 @@ class GradualMagnitude(Method):
         for fqn, module in self.layers.items():
             module.parametrizations.weight[0].mask.copy_(kept[fqn])
 
-    def run(self, data: Data | None) -> Result:
+    def phases(self, data: Data | None) -> Iterator[Phase]:
+        """Training with the cubic ramp, the exact final mask, fine-tuning under it."""
         cfg = self.config
         loader = self.training_data(data, cfg.batch_size)
         self.prepare()
-        total = cfg.epochs * len(loader)
-        if total:
-            optimizer, scheduler = sgd_cosine(
-                self.model.parameters(),
-                lr=cfg.lr,
-                momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay,
-                total_steps=total,
-            )
-            fit(
-                self.model,
-                loader,
-                epochs=cfg.epochs,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                after_step=self.step,
-                distill=self.soft_targets,
-                description="gmp",
-            )
-        return self.finalize(loader)
+        optimizer, scheduler = sgd_cosine(
+            self.model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            total_steps=cfg.epochs * len(loader),
+        )
+        loss = task_loss_of(self.soft_targets)
+        yield Phase("gmp", self.model, cfg.epochs, loader, optimizer, loss, scheduler, self.step)
+        self.end_ramp()
+        yield masked_finetune_phase(self.model, loader, cfg, self.soft_targets)
 
-    def finalize(self, loader: DataLoader | None = None) -> Result:
-        """Applies the final exact mask, fine-tunes when given a loader, strips the masks."""
-        cfg = self.config
-        if self.update < cfg.updates:  # a short run may end before the ramp did
-            self.update = cfg.updates
+    def end_ramp(self) -> None:
+        """Applies the final exact mask when a short run ended before the ramp did."""
+        if self.update < self.config.updates:
+            self.update = self.config.updates
             self.mask_to(self.budget.keep)
-        if loader is not None:
-            finetune_masked_(self.model, loader, cfg, self.soft_targets)
+
+    def finalize(self) -> Result:
+        """The final exact mask (if the ramp has not applied it), masks stripped."""
+        self.end_ramp()
         strip_(self.model)
         self.model.eval()
         return Result(self.model, self.base_report())

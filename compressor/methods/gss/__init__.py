@@ -33,14 +33,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import DataLoader
 
 from compressor.errors import CompressorError, CompressorWarning
 from compressor.examples import example_inputs_of
-from compressor.finetune import finetune_, step_lambda
+from compressor.finetune import step_lambda
 from compressor.masks import apply_masks_, prunable_layers, strip_, weight_of
 from compressor.methods.base import (
-    TARGET_TOLERANCE,
     Method,
     MethodConfig,
     Result,
@@ -49,14 +47,17 @@ from compressor.methods.base import (
 from compressor.methods.gss import prune as gss_prune
 from compressor.methods.gss import reg as gss_reg
 from compressor.methods.gss.checks import check_config
+from compressor.methods.phases import Phase, device_of, finetune_phase, task_loss_of
+from compressor.methods.targets import TARGET_TOLERANCE
 from compressor.stats import measure
 from compressor.surgery import channel_groups, slim_
 from compressor.surgery.cost import CostModel
 from compressor.surgery.fit import FitUnit, fit_budget
 from compressor.surgery.select import input_feature_layers, select_inputs_, with_input_features
-from compressor.train import fit
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from compressor.data import Data
 
 
@@ -218,14 +219,12 @@ class Gss(Method):
         else:
             self._mask_weights()
 
-    def finalize(self, loader: DataLoader | None = None) -> Result:
-        """Prunes (unless `prune_masks` ran), fine-tunes with `loader`, strips, slims."""
+    def finalize(self) -> Result:
+        """Prunes (unless `prune_masks` ran), strips the masks, slims (structure variant)."""
         if not self.example:
             self.prepare()
         if not self.masked:
             self.prune_masks()
-        if loader is not None and self.config.finetune_epochs > 0:
-            self._finetune(loader)
         strip_(self.model)
         if self.variant == "structure":
             self._slim()
@@ -235,23 +234,24 @@ class Gss(Method):
         report |= {"variant": self.variant, "regulariser": self.describe()} | self.extra
         return Result(self.model, report)
 
-    def run(self, data: Data | None) -> Result:
-        """Regularised training, pruning, fine-tuning with fixed masks (and slimming)."""
+    def phases(self, data: Data | None) -> Iterator[Phase]:
+        """Regularised training; pruning; fine-tuning with fixed masks (slimmed at finalize)."""
         cfg = self.config
         loader = self.training_data(data, cfg.batch_size)
-        self.prepare(data.sample_inputs(2))
-        if cfg.epochs > 0:
-            fit(
-                self.model,
-                loader,
-                epochs=cfg.epochs,
-                optimizer=self._optimizer(cfg.lr, 0.0),
-                penalty=self.penalty,
-                after_step=self.step,
-                distill=self.soft_targets,
-                description="gss",
-            )
-        return self.finalize(loader)
+        self.prepare(data.sample_inputs(2).to(device_of(self.model)))
+        optimizer = self._optimizer(cfg.lr, 0.0)
+        loss = task_loss_of(self.soft_targets, self.penalty)
+        yield Phase("gss", self.model, cfg.epochs, loader, optimizer, loss, None, self.step)
+        self.prune_masks()
+        yield finetune_phase(
+            self.model,
+            loader,
+            epochs=cfg.finetune_epochs,
+            optimizer=self._optimizer(cfg.finetune_lr, cfg.finetune_weight_decay),
+            # official: lr x 0.1 at epoch 25 of 50
+            lr_factor=step_lambda(cfg.finetune_epochs * len(loader) // 2, 0.1),
+            distill=self.soft_targets,
+        )
 
     # --- pruning -----------------------------------------------------------------------
 
@@ -281,7 +281,7 @@ class Gss(Method):
             self.keep = threshold
         else:
             # the least important channels go first (the regulariser decided the structure);
-            # land within half the toolkit's 0.5 % tolerance (base.TARGET_TOLERANCE)
+            # land within half the toolkit's 0.5 % tolerance (targets.TARGET_TOLERANCE)
             target, slack = self.budget.keep * dense, 0.5 * TARGET_TOLERANCE * dense
             units = [
                 FitUnit(ng.group.id, rank, ~ng.channels) for ng, rank in zip(self.neurons, ranks)
@@ -325,18 +325,6 @@ class Gss(Method):
                 params, lr=lr, momentum=self.config.momentum, weight_decay=weight_decay
             )
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-
-    def _finetune(self, loader: DataLoader) -> None:
-        cfg = self.config
-        half = cfg.finetune_epochs * len(loader) // 2
-        finetune_(
-            self.model,
-            loader,
-            epochs=cfg.finetune_epochs,
-            optimizer=self._optimizer(cfg.finetune_lr, cfg.finetune_weight_decay),
-            lr_factor=step_lambda(half, 0.1),  # official: lr x 0.1 at epoch 25 of 50
-            distill=self.soft_targets,
-        )
 
     def describe(self) -> str:
         """A short name of the regulariser in use, for reports and tables."""

@@ -47,7 +47,6 @@ cut per weight, are refused with a pattern.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -58,9 +57,9 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
 from compressor.errors import InputError
-from compressor.finetune import finetune_masked_
 from compressor.masks import apply_masks_, strip_, weight_of
 from compressor.methods.base import Method, MethodConfig, Result, register_method
+from compressor.methods.phases import Phase, device_of, masked_finetune_phase
 from compressor.methods.probmask.relax import (
     keep_fraction,
     logistic_noise,  # noqa: F401  (public: tests and notebooks import it from here)
@@ -71,14 +70,11 @@ from compressor.methods.probmask.relax import (
 from compressor.methods.probmask.warm import check_sharpness, warm_start_
 from compressor.outputs import select_output
 from compressor.pattern_masks import select_masks
-from compressor.train import (
-    fit,
-    recalibrate_batchnorm_,
-    sgd_cosine,
-    task_loss,
-)
+from compressor.train import recalibrate_batchnorm_, sgd_cosine, task_loss
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from compressor.data import Data
 
 MASK_CHOICES = ("topk", "threshold", "best-of-n")
@@ -141,9 +137,9 @@ class ProbMaskScores(nn.Module):
     In eval mode the mask is `scores >= 0.5`; once `fixed` is set, that mask is used.
     """
 
-    def __init__(self, shape: torch.Size, init: float, eps: float):
+    def __init__(self, shape: torch.Size, init: float, eps: float, device=None):
         super().__init__()
-        self.scores = nn.Parameter(torch.full(shape, float(init)))
+        self.scores = nn.Parameter(torch.full(shape, float(init), device=device))
         self.tau = 1.0
         self.eps = eps
         self.fixed: torch.Tensor | None = None
@@ -182,13 +178,18 @@ class ProbMask(Method):
         self.probs: dict[str, ProbMaskScores] = {}
         self.score_optimizer: torch.optim.Optimizer | None = None
         self.tau = self.config.tau_start
+        self.summary: dict | None = None  # the scores' summary, once the mask is fixed
+        self.draws: list = []  # best-of-n's training accuracy per draw
 
     # --- lifecycle -------------------------------------------------------------------
 
     def prepare(self) -> None:
         """Installs one score per prunable weight (W -> W * m) and the scores' Adam."""
         for fqn, module in self.layers.items():
-            prob = ProbMaskScores(weight_of(module).shape, self.config.score_init, self.config.eps)
+            weight = weight_of(module)
+            prob = ProbMaskScores(
+                weight.shape, self.config.score_init, self.config.eps, weight.device
+            )
             parametrize.register_parametrization(module, "weight", prob)
             self.probs[fqn] = prob
         if not self.config.from_scratch:
@@ -241,98 +242,67 @@ class ProbMask(Method):
         for prob in self.probs.values():
             prob.tau = tau
 
-    def run(self, data: Data | None) -> Result:
-        loader = self.training_data(data, self.config.batch_size)
+    def phases(self, data: Data | None) -> Iterator[Phase]:
+        """Weights and scores trained jointly; the discrete mask and BatchNorm re-estimated;
+        the weights fine-tuned under the fixed mask."""
+        cfg = self.config
+        loader = self.training_data(data, cfg.batch_size)
         self.prepare()
-        self.train(loader)
-        return self.finalize(loader)
-
-    def finalize(self, loader: DataLoader | None = None) -> Result:
-        """Fixes the discrete mask, fine-tunes when given a loader, strips all machinery.
-
-        Args:
-            loader: labelled training data; needed for "best-of-n", BatchNorm
-                re-estimation and fine-tuning (`run()` passes it; without it those are skipped).
-        """
-        cfg = self.config
-        summary = self._score_summary()
-        masks, draws = self.choose_masks(loader)
-        apply_masks_(self.layers, masks)  # replaces the scores' parametrization
-        self.probs, self.score_optimizer = {}, None
-        if loader is not None:
-            recalibrate_batchnorm_(self.model, loader, max_batches=BN_BATCHES)
-            finetune_masked_(self.model, loader, cfg, self.soft_targets)
-        strip_(self.model)
-        self.model.eval()
-        report = self.base_report()
-        report["probmask"] = summary | {"mask": cfg.mask, "draw_train_top1": draws}
-        return Result(self.model, report)
-
-    # --- training ----------------------------------------------------------------------
-
-    def train(self, loader: DataLoader) -> None:
-        """Trains weights and scores jointly for `epochs` (K sampled masks per batch)."""
-        cfg = self.config
-        total = cfg.epochs * len(loader)  # a rank's shard has as many batches (distributed.shard)
-        if total == 0:
-            return
         optimizer, scheduler = sgd_cosine(
             self.weight_parameters(),
             lr=cfg.lr,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
-            total_steps=total,
+            total_steps=cfg.epochs * len(loader),
         )
-
-        def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-            return self.train_step(x, y, optimizer, net)
-
-        fit(
-            self.model,
-            loader,
-            epochs=cfg.epochs,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            after_step=self.step,
-            train_step=train_step,
-            description="probmask",
+        loss, clip = self.sampled_loss, cfg.clip_grad
+        yield Phase(
+            "probmask", self.model, cfg.epochs, loader, optimizer, loss, scheduler, self.step, clip
         )
+        self.fix_mask(loader)
+        yield masked_finetune_phase(self.model, loader, cfg, self.soft_targets)
 
-    def train_step(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        optimizer: torch.optim.Optimizer,
-        net: nn.Module | None = None,
-    ) -> float:
-        """Backward over K sampled masks, joint gradient clipping, the weights' step.
+    def fix_mask(self, loader: DataLoader | None = None) -> None:
+        """Replaces the scores by the discrete mask; re-estimates BatchNorm on `loader`.
 
-        `net` is what runs the batch (the DDP wrapper in a process group; default the
-        model). The scores' step, the projection and the schedules follow in `step()`.
+        Args:
+            loader: labelled training data; needed for "best-of-n" and the BatchNorm
+                re-estimation (`phases()` passes it; without it the latter is skipped).
         """
-        loss = self.sampled_backward(x, y, net or self.model)
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        self.summary = self._score_summary()
+        masks, self.draws = self.choose_masks(loader)
+        apply_masks_(self.layers, masks)  # replaces the scores' parametrization
+        self.probs, self.score_optimizer = {}, None
+        if loader is not None:
+            recalibrate_batchnorm_(self.model, loader, max_batches=BN_BATCHES)
 
-    def sampled_backward(self, x: torch.Tensor, y: torch.Tensor, net: nn.Module) -> float:
-        """Backpropagates the loss averaged over K sampled masks; returns its value.
+    def finalize(self) -> Result:
+        """Fixes the discrete mask (unless `phases()` has) and strips all machinery."""
+        if self.summary is None:
+            self.fix_mask()
+        strip_(self.model)
+        self.model.eval()
+        report = self.base_report()
+        report["probmask"] = self.summary | {
+            "mask": self.config.mask,
+            "draw_train_top1": self.draws,
+        }
+        return Result(self.model, report)
 
-        Under DDP the gradients are averaged across ranks once, in the last backward.
+    # --- training ----------------------------------------------------------------------
+
+    def sampled_loss(self, net: nn.Module, batch: tuple) -> torch.Tensor:
+        """The task loss averaged over K sampled masks (official: K = 2 per batch).
+
+        One graph for the K forwards, so a data-parallel run averages gradients once, in
+        its one backward; memory grows with K, the gradient is the same average.
         """
+        x, y = batch
         samples = self.config.mask_samples
-        total = 0.0
-        for k in range(samples):
-            last = k == samples - 1
-            sync = (
-                contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
-            )
-            with sync:
-                loss = task_loss(net(x), y, x, self.soft_targets) / samples
-                loss.backward()
-            total += loss.item()
-        return total
+        loss = torch.zeros(())
+        for _ in range(samples):
+            loss = loss + task_loss(net(x), y, x, self.soft_targets) / samples
+        return loss
 
     def state_dict(self) -> dict:
         """The scores' Adam and the temperature (the scores are model parameters)."""
@@ -381,10 +351,12 @@ class ProbMask(Method):
     def _train_top1(self, loader: DataLoader) -> float:
         """Training accuracy with batch statistics (as official), on `select_batches` batches."""
         self.model.train()
+        device = device_of(self.model)
         correct = count = 0
         for i, (x, y) in enumerate(loader):
             if i >= self.config.select_batches:
                 break
+            x, y = x.to(device), y.to(device)
             correct += int((select_output(self.model(x)).argmax(dim=1) == y).sum())
             count += len(y)
         return correct / max(count, 1)

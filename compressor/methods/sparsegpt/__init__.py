@@ -71,7 +71,10 @@ from compressor.patterns import nm_mask
 from compressor.train import recalibrate_batchnorm_
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from compressor.data import Data
+    from compressor.methods.phases import Phase
 
 ALLOCATIONS = ("uniform", "erk")
 
@@ -160,9 +163,9 @@ def hessians(
 class SparseGpt(Method):
     """Second-order one-shot pruning, layer by layer, to an exact global sparsity.
 
-    `run(data)` does the whole schedule. By hand: `prune_(inputs)` with a tensor of
-    calibration inputs, then `finalize()` (nothing is installed on the model, so there
-    is nothing to strip) and re-estimate BatchNorm with
+    `phases(data)` does the whole schedule (it has no training phase). By hand:
+    `prune_(inputs)` with a tensor of calibration inputs, then `finalize()` (nothing is
+    installed on the model, so there is nothing to strip) and re-estimate BatchNorm with
     `compressor.train.recalibrate_batchnorm_`.
     """
 
@@ -187,6 +190,7 @@ class SparseGpt(Method):
             raise InputError(f"percdamp {cfg.percdamp!r} must be >= 0 (the paper uses 0.01)")
         self.sizes = {f: weight_of(m).numel() for f, m in self.layers.items()}
         self.solved: dict | None = None
+        self.calibration = None  # the loader BatchNorm is re-estimated on (phases())
 
     def layer_zeros(self) -> dict[str, int]:
         """Zeros per layer at the configured allocation, summing to round(r0 * N) exactly."""
@@ -198,16 +202,14 @@ class SparseGpt(Method):
             keep = exact_counts(uniform, self.sizes, keep_total)
         return {f: self.sizes[f] - keep[f] for f in self.sizes}
 
-    def run(self, data: Data | None) -> Result:
-        """Calibrates, prunes every layer, re-estimates BatchNorm."""
+    def phases(self, data: Data | None) -> Iterator[Phase]:
+        """No training phase: calibrates and prunes every layer; `finalize()` re-estimates
+        BatchNorm on the calibration data."""
+        cfg = self.config
         device = next(self.model.parameters()).device
-        self.prune_(
-            calibration_inputs(data, self.config.calib_samples, self.config.batch_size).to(device)
-        )
-        result = self.finalize()
-        loader = data.calibration(self.config.calib_samples, self.config.batch_size)
-        recalibrate_batchnorm_(result.model, loader)
-        return result
+        self.prune_(calibration_inputs(data, cfg.calib_samples, cfg.batch_size).to(device))
+        self.calibration = data.calibration(cfg.calib_samples, cfg.batch_size)
+        yield from ()
 
     @torch.no_grad()
     def prune_(self, inputs: torch.Tensor, zeros: dict[str, int] | None = None) -> None:
@@ -303,17 +305,20 @@ class SparseGpt(Method):
         """Installs nothing; keeps `example_inputs` as calibration inputs for `finalize()`.
 
         A pipeline that drives the lifecycle itself passes its calibration batch here (or
-        calls `prune_(inputs)`); `prune()` calls `run(data)`, which calibrates on the data.
+        calls `prune_(inputs)`); `phases(data)` calibrates on the data.
         """
         self.example_inputs = example_inputs
 
     def finalize(self) -> Result:
-        """The pruned model (no machinery was installed) and the report."""
+        """The pruned model (no machinery was installed), BatchNorm re-estimated on the
+        calibration data when `phases(data)` ran, and the report."""
         if self.solved is None and getattr(self, "example_inputs", None) is not None:
             self.prune_(self.example_inputs)
         if self.solved is None:
             raise CompressorError(
                 "sparsegpt: give calibration inputs (prepare(inputs), prune_(inputs) or "
-                "run(data)) before finalize()"
+                "phases(data)) before finalize()"
             )
+        if self.calibration is not None:
+            recalibrate_batchnorm_(self.model, self.calibration)
         return Result(self.model, self.base_report() | self.solved)
