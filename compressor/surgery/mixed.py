@@ -4,7 +4,7 @@ In a residual network with tied channels, every block on a stream keeps the same
 mixed mode each producer writing into the stream keeps its own subset, so the two operands of
 a residual add hold different channels. The slimmed add becomes a `ResidualJoin`: the stream
 is stored compactly at the channels alive at that point (the union of its operands'), and each
-operand is scattered into it at its own alive indices with `index_add`.
+operand is added into it at its own alive indices.
 
 Algorithm 1 keeps the stream at full width and has every block gather its alive inputs
 (`x[:, i_in]`) first. Storing the stream at exactly its alive channels is the same
@@ -13,15 +13,16 @@ whose channels are all alive. A projection shortcut writes into a zero tensor at
 indices (`pos_a` and `pos_b` both partial). Removed channels that still carry a constant in the
 masked model (e.g. a BatchNorm shift through ReLU) are added back per channel (`const`).
 
-The forward lowers the scatter to gathers, because onnxruntime runs those well: an operand
-on a subset of the output's channels gets one zero channel appended (`F.pad` -> ONNX Pad)
-and is then gathered to the output's width (`index_select` -> Gather on the channel axis),
-each output channel reading its own channel of the operand or the zero one; the two embedded
-operands meet in a dense Add. Both exporters write the same Pad / Gather / Add at every
-opset from 11. `index_add` exported as Transpose -> ScatterND -> Transpose (dynamo) or
-ScatterElements over expanded indices (TorchScript), which made a mixed ResNet-20 up to 12 %
-slower than a tied one at equal FLOPs (bench/mixed_joins.py). The sums are the same
-floating-point operations as before (`x + 0` is exact), so the outputs are bitwise equal.
+The forward writes that scatter-add as gathers, which onnxruntime runs well: an operand on a
+subset of the output's channels gets one zero channel appended (`F.pad` -> ONNX Pad) and is
+gathered to the output's width (`index_select` -> Gather on the channel axis), each output
+channel reading its own channel of the operand or the zero one; the two embedded operands
+meet in a dense Add. onnxruntime runs the same Pad / Gather / Add from both exporters at
+opsets 11-20 (the TorchScript one computes Pad's pads with constant ops it folds away).
+`index_add` exported as Transpose -> ScatterND -> Transpose (dynamo) or ScatterElements over
+expanded indices (TorchScript); bench/mixed_joins.py times both lowerings against tied
+channels. The sums are the same floating-point operations (`x + 0` is exact), so the
+outputs are bitwise those of `index_add`.
 """
 
 from __future__ import annotations
