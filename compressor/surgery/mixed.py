@@ -13,7 +13,7 @@ whose channels are all alive. A projection shortcut writes into a zero tensor at
 indices (`pos_a` and `pos_b` both partial). Removed channels that still carry a constant in the
 masked model (e.g. a BatchNorm shift through ReLU) are added back per channel (`const`).
 
-The forward writes that scatter-add as gathers, which onnxruntime runs well: an operand on a
+The forward writes that scatter-add as gathers, which onnxruntime runs faster: an operand on a
 subset of the output's channels gets one zero channel appended (`F.pad` -> ONNX Pad) and is
 gathered to the output's width (`index_select` -> Gather on the channel axis), each output
 channel reading its own channel of the operand or the zero one; the two embedded operands
@@ -110,6 +110,6 @@ def embedding_index(positions: torch.Tensor, width: int) -> torch.Tensor:
     `positions[j]` is the output channel of operand channel j; the other output channels read
     channel `len(positions)`, the zero channel `ResidualJoin` appends.
     """
-    index = torch.full((width,), len(positions), dtype=torch.long)
-    index[positions.long()] = torch.arange(len(positions))
+    index = torch.full((width,), len(positions), dtype=torch.long, device=positions.device)
+    index[positions.long()] = torch.arange(len(positions), device=positions.device)
     return index
