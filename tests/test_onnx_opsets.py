@@ -18,6 +18,7 @@ from compressor.errors import CompressorError, InputError
 from compressor.io import load_model, save_model
 from exporters.onnx import export_onnx
 from tests import models as toys
+from tests.test_mixed_joins import assert_join_ops, ort_ops
 from tests.test_surgery_mixed import _mixed_projection_residual
 
 DEFAULT_OPSET = 20  # what the dynamo exporter of torch 2.13 writes without --opset
@@ -61,8 +62,9 @@ def test_opsets_export_and_verify(which, opset, mixed_slimmed, tmp_path):
     # below 18 the TorchScript exporter writes the opset natively; else dynamo
     assert result.exporter == ("legacy" if opset is not None and opset < 18 else "dynamo")
     ops = {node.op_type for node in proto.graph.node}
-    if which == "mixed":
-        assert ops & {"ScatterND", "ScatterElements"}, ops  # the joins, not a dense add
+    if which == "mixed":  # the joins as Pad + Gather, the same ops from both exporters
+        assert {"Pad", "Gather"} <= ops and not ops & {"ScatterND", "ScatterElements"}, ops
+        assert_join_ops(ort_ops(path, tmp_path), model)
     fresh = torch.randn(5, *x[0].shape[1:], generator=torch.Generator().manual_seed(9))
     _assert_runs_like_torch(path, model, fresh)
 

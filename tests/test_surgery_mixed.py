@@ -43,10 +43,11 @@ def test_residual_join_scatters_each_operand_at_its_positions(pos_a, pos_b, alph
 def test_residual_join_counts_moved_elements():
     join = ResidualJoin(1, 5, torch.tensor([0, 1, 2]), torch.tensor([2, 4]))
     a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 2, 4, 4)
-    assert join.memory_elements((a, b), join(a, b)) == (3 + 2 + 5) * 16
+    # each partial operand: copied once with its zero channel, gathered once to width 5
+    assert join.memory_elements((a, b), join(a, b)) == ((3 + 5) + (2 + 5)) * 16
     inplace = ResidualJoin(1, 5, None, torch.tensor([2, 4]))
     stream = torch.randn(2, 5, 4, 4)
-    assert inplace.memory_elements((stream, b), inplace(stream, b)) == 2 * 16
+    assert inplace.memory_elements((stream, b), inplace(stream, b)) == (2 + 5) * 16
 
 
 def _mixed_projection_residual():
