@@ -7,7 +7,7 @@ from tests.models import PatternNet
 
 KEYS = {
     "method", "pattern", "sparsity", "requested", "achieved", "top1", "seconds",
-    "pattern_layers", "pack_bytes", "floor_bytes", "pack_over_floor",
+    "pattern_layers", "pack_bytes", "floor_bytes", "pack_over_floor", "data_over_floor",
 }  # fmt: skip
 
 
@@ -20,6 +20,9 @@ def test_cell_reports_top1_sparsity_and_pack(small_digits):
     assert row["pattern_layers"] == ["conv1", "conv2", "fc1", "fc2", "head"]
     assert 0.0 <= row["top1"] <= 1.0
     assert isinstance(row["pack_bytes"], int) and row["pack_bytes"] > 0
+    # the pack's data sits at the 1x4 floor; the file adds only the safetensors header
+    assert row["floor_bytes"] > 0 and row["data_over_floor"] <= 1.02
+    assert row["pack_over_floor"] > row["data_over_floor"]
 
 
 def test_nm_cells_ask_for_what_whole_layers_reach():
