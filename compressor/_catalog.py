@@ -16,7 +16,8 @@ CATALOG_JSON = r"""
     "bar": {
       "metrics": [
         "flops",
-        "volume"
+        "volume",
+        "latency"
       ],
       "needs": "labels",
       "options": [
@@ -49,13 +50,14 @@ CATALOG_JSON = r"""
         "alpha=0.9",
         "tolerance=0.01",
         "bn_batches=100",
-        "round_to=1"
+        "round_to=None"
       ]
     },
     "channel-magnitude": {
       "metrics": [
         "flops",
-        "volume"
+        "volume",
+        "latency"
       ],
       "needs": "labels",
       "options": [
@@ -75,7 +77,7 @@ CATALOG_JSON = r"""
         "alpha=0.9",
         "tolerance=0.01",
         "bn_batches=100",
-        "round_to=1"
+        "round_to=None"
       ]
     },
     "erk-recon": {
@@ -150,7 +152,8 @@ CATALOG_JSON = r"""
     "gss": {
       "metrics": [
         "weights",
-        "flops"
+        "flops",
+        "latency"
       ],
       "needs": "labels",
       "options": [
@@ -176,7 +179,7 @@ CATALOG_JSON = r"""
         "inputs=True",
         "momentum=0.9",
         "batch_size=100",
-        "round_to=1"
+        "round_to=None"
       ]
     },
     "magnitude-erk": {

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
-from compressor.errors import CompressorError, CompressorWarning, InputError
+from compressor.errors import CompressorError, CompressorWarning
 from compressor.examples import example_inputs_of
 from compressor.finetune import finetune_, step_lambda
 from compressor.masks import apply_masks_, prunable_layers, strip_, weight_of
@@ -45,15 +45,16 @@ from compressor.methods.base import (
 )
 from compressor.methods.gss import prune as gss_prune
 from compressor.methods.gss import reg as gss_reg
+from compressor.methods.gss.checks import check_config
 from compressor.stats import measure
 from compressor.surgery import channel_groups, slim_
 from compressor.surgery.cost import CostModel
-from compressor.surgery.fit import FitUnit, check_round_to, fit_budget
+from compressor.surgery.fit import FitUnit, fit_budget
+from compressor.surgery.pricing import Pricer
 from compressor.surgery.select import input_feature_layers, select_inputs_, with_input_features
 from compressor.train import fit
 
 if TYPE_CHECKING:
-    from compressor.budget import Budget
     from compressor.data import Data
 
 VARIANTS = ("auto", "element", "structure")
@@ -105,8 +106,8 @@ class GssConfig(MethodConfig):
     momentum: float = 0.9  # only for optimiser="sgd"
     batch_size: int = 100  # official --batch-size 100
     # --round-to (structure variant): every slimmed layer keeps a multiple of this many
-    # channels (or all of them); 1 leaves counts free
-    round_to: int = 1
+    # channels (or all of them); None: 1, or the latency table's rate multiple
+    round_to: int | None = None
 
 
 @register_method("gss")
@@ -114,7 +115,8 @@ class Gss(Method):
     """GSS (METHODS.md §4): Deep GSS regularised training, pruning, fine-tuning, slimming."""
 
     Config = GssConfig
-    metrics = ("weights", "flops")  # weights for the element variant, FLOPs for structure
+    # weights for the element variant, FLOPs (or latency) for structure
+    metrics = ("weights", "flops", "latency")
     needs = "labels"
     demo_config = {"epochs": 4, "finetune_epochs": 2}
     smoke_config = {"epochs": 1, "finetune_epochs": 1}
@@ -126,7 +128,7 @@ class Gss(Method):
 
     def __init__(self, model, budget, config=None, **overrides):
         super().__init__(model, budget, config, **overrides)
-        self.variant = _check_config(self.config, budget)
+        self.variant = check_config(self.config, budget, CHOICES)
         cfg = self.config
         self.aux = cfg.regulariser == "gss" and cfg.p > 0
         self.groups = None  # channel groups of the model (None: tracing failed, element only)
@@ -276,12 +278,13 @@ class Gss(Method):
 
     def _mask_channels(self) -> None:
         costs = CostModel(self.model, self.example, "tied", groups=self.groups)
-        dense = costs.dense("flops")
+        pricer = Pricer(costs, self.model, self.example, self.budget.metric)
+        dense = pricer.dense()
         ranks = gss_prune.channel_scores(self.model, self.neurons, self.config.rank)
         scores = gss_prune.channel_scores(self.model, self.neurons, "std")
         threshold = gss_prune.threshold_channels(self.neurons, scores, self.config.ratio)
-        self.extra["dense_flops"] = dense
-        self.extra["threshold_keep"] = costs.cost(threshold, "flops") / dense
+        self.extra["dense_flops"] = costs.dense("flops")
+        self.extra["threshold_keep"] = pricer.cost(threshold) / dense
         if self.config.prune == "threshold":
             self.keep = threshold
         else:
@@ -291,16 +294,17 @@ class Gss(Method):
             units = [
                 FitUnit(ng.group.id, rank, ~ng.channels) for ng, rank in zip(self.neurons, ranks)
             ]
+            self.extra["round_to"] = pricer.round_to(self.config.round_to)
             fit = fit_budget(
-                units,
-                lambda keep: costs.cost(keep, "flops"),
-                target,
-                target - slack,
-                round_to=self.config.round_to,
+                units, pricer.cost, target, target - slack, round_to=self.extra["round_to"]
             )
+            pricer.save()
             self.keep = {unit.key: mask for unit, mask in zip(units, fit.masks)}
             if fit.miss:
                 self.extra["miss"] = fit.miss
+        # latency: the table's prediction is the achieved keep (the exported graph is timed later)
+        self.extra["latency_keep"] = pricer.cost(self.keep) / dense if pricer.latency else None
+        self.extra |= {"achieved_latency": pricer.report(pricer.cost(self.keep))}
         masks = gss_prune.channel_masks(self.model, self.groups, self.keep)
         gss_prune.install_masks_(self.model, masks)
         self.masked = True
@@ -315,8 +319,10 @@ class Gss(Method):
             select_inputs_(self.model, features, self.example)
         self.layers = prunable_layers(self.model, self.config.exclude)
         stats = measure(self.model, self.example)
-        dense = self.extra["dense_flops"]
+        dense, latency_keep = self.extra["dense_flops"], self.extra.pop("latency_keep")
         self.extra["achieved"] = {"keep": stats.flops / dense, "flops": stats.flops}
+        if latency_keep is not None:
+            self.extra["achieved"] |= {"keep": latency_keep} | self.extra.pop("achieved_latency")
         self.extra["requested"] = {"flops_keep": self.budget.keep}
         self.extra["weights"] = stats.prunable_params
         self.extra["structure"] = structure_of(self.model)
@@ -353,40 +359,6 @@ class Gss(Method):
         if cfg.norms == "121":
             return "deep-gss-121"
         return "deep-gss-212" if self.variant == "structure" else "gss-element"
-
-
-def _check_config(cfg: GssConfig, budget: Budget) -> str:
-    """Validates the choices; returns the variant the budget and config ask for."""
-    for field, allowed in CHOICES.items():
-        if getattr(cfg, field) not in allowed:
-            raise InputError(
-                f"gss: {field} {getattr(cfg, field)!r}; choose one of {', '.join(allowed)}"
-            )
-    if (cfg.p > 0) != (cfg.q > 0) or cfg.p < 0 or cfg.q < 0:
-        raise InputError("gss: give both --p and --q (> 0) for the auxiliary form, or neither")
-    if cfg.lambda_ < 0 or cfg.ratio <= 0 or cfg.eps < 0:
-        raise InputError("gss: --lambda and eps must be >= 0 and ratio > 0")
-    check_round_to(cfg.round_to)
-    variant = cfg.variant
-    if variant == "auto":
-        variant = "structure" if budget.metric == "flops" else "element"
-    if variant == "element" and cfg.round_to != 1:
-        raise InputError(
-            f"gss: round_to {cfg.round_to} aligns channel counts, which only the structure "
-            "variant removes; drop --round-to or give --budget NX (FLOPs)"
-        )
-    # the hints restate the user's own budget in the form the variant takes
-    if variant == "element" and budget.metric != "weights":
-        raise InputError(
-            f"gss --variant element prunes weights, not {budget.metric}: "
-            f"give --sparsity {budget.sparsity:.4g}"
-        )
-    if variant == "structure" and budget.metric != "flops":
-        raise InputError(
-            f"gss --variant structure removes channels to a FLOP budget, not {budget.metric}: "
-            f"give --budget {budget.factor:.4g}x (FLOPs is the default for this variant)"
-        )
-    return variant
 
 
 def structure_of(model) -> str:
