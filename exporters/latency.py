@@ -142,3 +142,31 @@ def _runner(session, feed: dict[str, np.ndarray], batch: int) -> Callable[[], ob
             ) from exc
 
     return run
+
+
+def graph_measurer(
+    example: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    threads: int = THREADS,
+    batches: Sequence[int] = BATCHES,
+    rounds: int = ROUNDS,
+) -> Callable[[nn.Module, nn.Module], dict]:
+    """The `prune(..., measure_latency=...)` check of a latency budget: (dense, slimmed)
+    exported to ONNX in memory and timed by `measure_latency` (batch 1 is always timed).
+
+    Returns:
+        A callable giving {"dense": {batch: ms}, "pruned": {...}, "speedup": {...},
+        "threads": threads, "runtime": "onnxruntime X (CPU)"}.
+    """
+    import onnxruntime
+
+    batches = tuple(dict.fromkeys((1, *batches)))
+    example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+
+    def measure(dense: nn.Module, slimmed: nn.Module) -> dict:
+        models = {"dense": dense, "pruned": slimmed}
+        timed = measure_latency(models, example, threads=threads, batches=batches, rounds=rounds)
+        extra = {"speedup": speedup(timed["dense"], timed["pruned"]), "threads": threads}
+        return timed | extra | {"runtime": f"onnxruntime {onnxruntime.__version__} (CPU)"}
+
+    return measure

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from compressor import checkpoint, distill, distributed
+from compressor import checkpoint, distill, distributed, latency_check
 from compressor.budget import Budget, parse_budget
 from compressor.errors import CompressorWarning, InputError, TargetNotReachedError
 from compressor.factors import DenseBaseline
@@ -289,6 +289,7 @@ def prune(
     checkpoint_path: str | Path | None = None,
     resume: str | Path | None = None,
     check_ranks: bool = False,
+    measure_latency: latency_check.Measure | None = None,
     **config,
 ) -> Result:
     """Compresses `model` with `method` to `budget` and returns the Result.
@@ -304,6 +305,7 @@ def prune(
             `checkpoint_path`); the result is bit-identical to an uninterrupted run.
         check_ranks: in a data-parallel run, compare a digest of model and method state
             across ranks after every epoch (always done once at the end).
+        measure_latency: times (dense, slimmed) under a latency budget (see latency_check).
         **config: fields of the method's config dataclass.
 
     Raises:
@@ -318,6 +320,7 @@ def prune(
         raise InputError(f"method {method!r} needs data ({cls.needs}); pass --data SPEC")
     baseline = DenseBaseline(model, data)  # before any in-place change (copy_model=False)
     torch.manual_seed(seed)
+    copy_model = copy_model or budget.metric == "latency"  # a re-fit starts from the dense one
     instance = cls(clone_model(model) if copy_model else model, budget, **config)
     if data is not None and cls.needs != "nothing":  # a wrong --task-output fails now
         classes = data.num_classes if cls.needs == "labels" else None
@@ -330,6 +333,8 @@ def prune(
         session["fingerprint"] = checkpoint.fingerprint(method, config, budget, seed, model, data)
     start = time.perf_counter()
     result, ranks = _run_session(instance, model, data, session, check_ranks)
+    if budget.metric == "latency":  # fitted on the layer table; checked on the real graph
+        result, instance = latency_check.checked(result, instance, model, data, measure_latency)
     result.report["seconds"] = time.perf_counter() - start
     result.report["seed"] = seed
     result.report["factors"] = baseline.factors(result.model)
