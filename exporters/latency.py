@@ -90,7 +90,12 @@ def measure_latency(
     if threads < 1 or any(b < 1 for b in batches):
         raise InputError(f"latency threads {threads} and batch sizes {list(batches)} must be >= 1")
     sessions = {name: _session(_graph(model, example), threads) for name, model in models.items()}
-    out: dict[str, dict[str, float]] = {name: {} for name in models}
+    return time_sessions(sessions, example, batches, rounds)
+
+
+def time_sessions(sessions: Mapping, example: tuple, batches: Sequence[int], rounds: int) -> dict:
+    """`measure_latency` on onnxruntime sessions already built (name -> session)."""
+    out: dict[str, dict[str, float]] = {name: {} for name in sessions}
     for batch in batches:
         feeds = {name: _feed(session, example, batch) for name, session in sessions.items()}
         runners = {name: _runner(sessions[name], feeds[name], batch) for name in sessions}
@@ -160,12 +165,18 @@ def graph_measurer(
     """
     import onnxruntime
 
+    if threads < 1 or any(b < 1 for b in batches):
+        raise InputError(f"latency threads {threads} and batch sizes {list(batches)} must be >= 1")
     batches = tuple(dict.fromkeys((1, *batches)))
     example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    dense_sessions: dict[int, object] = {}  # re-fits time the same dense model: export it once
 
     def measure(dense: nn.Module, slimmed: nn.Module) -> dict:
-        models = {"dense": dense, "pruned": slimmed}
-        timed = measure_latency(models, example, threads=threads, batches=batches, rounds=rounds)
+        if id(dense) not in dense_sessions:
+            dense_sessions[id(dense)] = _session(_graph(dense, example), threads)
+        sessions = {"dense": dense_sessions[id(dense)]}
+        sessions["pruned"] = _session(_graph(slimmed, example), threads)
+        timed = time_sessions(sessions, example, batches, rounds)
         extra = {"speedup": speedup(timed["dense"], timed["pruned"]), "threads": threads}
         return timed | extra | {"runtime": f"onnxruntime {onnxruntime.__version__} (CPU)"}
 
