@@ -24,6 +24,7 @@ from compressor.surgery.latency import (
     Spec,
     rate_multiple,
 )
+from compressor.train import show_progress
 
 _TABLE: LatencyTable | None = None  # set by `latency_table()`; default: the cached ORT table
 
@@ -51,8 +52,6 @@ class ProgressTimer:
         self.timer, self.count = timer, 0
 
     def __call__(self, spec: Spec) -> float:
-        from compressor.train import show_progress
-
         self.count += 1
         if show_progress():  # first use on a machine times a few hundred shapes (README)
             sys.stderr.write(f"\rlatency table: timing layer shape {self.count} in onnxruntime")
