@@ -108,6 +108,8 @@ class Pricer:
         """Caches what the latency table measured (nothing to do for counted metrics)."""
         if self.latency is not None and self.latency.table.measured:
             self.latency.table.save()
+            if show_progress() and isinstance(self.latency.table.timer, ProgressTimer):
+                sys.stderr.write("\n")  # end the counter's line
 
     def report(self, after: float) -> dict:
         """The latency entries of a report: dense and predicted ms at batch 1 ({} otherwise)."""

@@ -147,6 +147,7 @@ class Bar(Method):
         if self.config.epochs < 0 or self.config.finetune_epochs < 0:
             raise InputError("epochs and finetune_epochs must be >= 0")
         check_round_to(self.config.round_to)
+        self.round_to = self.config.round_to  # the one used: set by decide()
         self.example: tuple | None = None
         self.gates: Gates | None = None
         self.masks: list[torch.Tensor] | None = None

@@ -40,7 +40,8 @@ def check_config(cfg: GssConfig, budget: Budget, choices: dict) -> str:
         )
     if variant == "structure" and budget.metric not in ("flops", "latency"):
         raise InputError(
-            f"gss --variant structure removes channels to a FLOP budget, not {budget.metric}: "
+            f"gss --variant structure removes channels to a FLOP or latency budget, not "
+            f"{budget.metric}: "
             f"give --budget {budget.factor:.4g}x (FLOPs is the default for this variant)"
         )
     return variant
