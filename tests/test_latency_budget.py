@@ -180,3 +180,23 @@ def test_real_runtime_smoke(tmp_path, lenet5_pt2):
     timed = json.loads(report.read_text())["latency_ms"]
     assert set(timed["dense"]) == set(timed["pruned"]) == {"1", "4"}
     assert all(ms > 0 for ms in [*timed["dense"].values(), *timed["pruned"].values()])
+
+
+class OverheadTimer(FakeTimer):
+    """FakeTimer plus a fixed 0.5 ms per graph run, which every one-layer timing includes."""
+
+    def __call__(self, spec: dict) -> float:
+        return super().__call__(spec) + 0.5
+
+    def overhead(self) -> float:
+        return 0.5
+
+
+def test_run_overhead_counted_once(tmp_path):
+    model = _model("lenet5")
+    costs = CostModel(model, (_x(),), "tied")
+    plain = LatencyModel(costs, model, (_x(),), LatencyTable(FakeTimer(), path=tmp_path / "a"))
+    table = LatencyTable(OverheadTimer(), path=tmp_path / "b.json")
+    latency = LatencyModel(costs, model, (_x(),), table)
+    assert latency.dense() == pytest.approx(0.5 + plain.dense(), rel=1e-12)
+    assert table.entries["overhead"] == 0.5  # cached with the layers

@@ -58,6 +58,10 @@ class ProgressTimer:
             sys.stderr.flush()
         return self.timer(spec)
 
+    def overhead(self) -> float:
+        """The wrapped timer's fixed cost of one graph run."""
+        return self.timer.overhead()
+
 
 class Pricer:
     """The cost of a keep dict in `metric` ("flops", "volume" or "latency").
