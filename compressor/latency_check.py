@@ -59,9 +59,17 @@ def measured_fit(attempt: Callable[[Budget], tuple], budget: Budget, dense: nn.M
     Raises:
         TargetNotReachedError: still outside after MAX_REFITS corrected targets.
     """
-    table_budget, rounds = budget, []
+    table_budget, rounds, report, timed = budget, [], {}, {}  # the last round's
     for refit in range(MAX_REFITS + 1):
-        found = attempt(table_budget)
+        try:
+            found = attempt(table_budget)
+        except TargetNotReachedError as exc:
+            if not rounds:
+                raise
+            why = f"; the corrected table target {table_budget.keep:.4g} cannot be met: {exc}"
+            raise TargetNotReachedError(
+                _miss(report["method"], budget, rounds, timed) + why
+            ) from exc
         report = found[0].report
         timed = measure(dense, found[0].model)
         measured, predicted = speedup_at(timed), 1.0 / report["achieved"]["keep"]
@@ -92,12 +100,13 @@ def _summary(budget: Budget, rounds: list[dict], timed: dict) -> dict:
 
 def _miss(method: str, budget: Budget, rounds: list[dict], timed: dict) -> str:
     dense, pruned = timed["dense"][CHECKED_BATCH], timed["pruned"][CHECKED_BATCH]
+    tried = ", ".join(f"{r['table_keep']:.3g} -> {r['measured']:.3g}x" for r in rounds)
     return (
         f"{method}: asked for {budget.factor:g}x lower latency but the exported graph measured "
         f"{rounds[-1]['measured']:.3g}x at batch {CHECKED_BATCH} ({dense:.3g} -> {pruned:.3g} ms; "
         f"the table predicted {rounds[-1]['predicted']:.3g}x) after {len(rounds) - 1} re-fits "
-        f"of the table's target (tolerance {TOLERANCE:.0%}); ask for a smaller reduction, "
-        "or measure on a quieter machine"
+        f"of the table's target (tolerance {TOLERANCE:.0%}; table keep -> measured: {tried}); "
+        "ask for a smaller reduction, or measure on a quieter machine"
     )
 
 
