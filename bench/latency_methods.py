@@ -17,9 +17,10 @@ from compressor.budget import Budget
 from compressor.distill import train_loader
 from compressor.errors import CompressorError
 from compressor.methods import get_method, prune
-from compressor.methods.bar.slim import recalibrate_and_finetune_
+from compressor.methods.bar.slim import slimmed_finetune_phase
 from compressor.methods.base import clone_model
 from compressor.methods.channel_magnitude import ChannelMagnitudeConfig
+from compressor.methods.phases import train
 from compressor.train import Distill
 
 # row name -> (registered method, fixed options)
@@ -122,7 +123,7 @@ def finetune_tp_(model: nn.Module, dense: nn.Module, data, epochs: int) -> None:
     cfg = ChannelMagnitudeConfig(finetune_epochs=epochs)
     loader = train_loader(data, cfg.batch_size)
     distill = Distill(clone_model(dense).eval(), cfg.temperature, cfg.alpha)
-    recalibrate_and_finetune_(model, loader, cfg, distill)
+    train(slimmed_finetune_phase(model, loader, cfg, distill))
 
 
 def build_row_model(

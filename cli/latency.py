@@ -15,19 +15,20 @@ class LatencyRequest:
 
     threads: int
     batches: tuple[int, ...]
+    measure: bool = True  # --measure-latency given (a latency budget measures anyway)
 
 
 def latency_options(command: Callable) -> Callable:
     """Adds --measure-latency, --latency-threads and --latency-batch to a command.
 
-    The command receives them as one argument, `latency`: a LatencyRequest, or None
-    when --measure-latency was not given.
+    The command receives them as one argument, `latency`: a LatencyRequest whose
+    `measure` says whether --measure-latency was given.
     """
 
     @functools.wraps(command)
     def wrapper(*args, measure_latency, latency_threads, latency_batch, **kwargs):
         batches = (1,) if latency_batch == 1 else (1, latency_batch)
-        request = LatencyRequest(latency_threads, batches) if measure_latency else None
+        request = LatencyRequest(latency_threads, batches, measure_latency)
         return command(*args, latency=request, **kwargs)
 
     options = (
@@ -41,7 +42,7 @@ def latency_options(command: Callable) -> Callable:
             type=click.IntRange(min=1),
             default=1,
             show_default=True,
-            help="onnxruntime intra-op threads for --measure-latency.",
+            help="onnxruntime intra-op threads for --measure-latency and a latency budget's check.",
         ),
         click.option(
             "--latency-batch",
@@ -61,9 +62,10 @@ def prune_latency(
 ) -> None:
     """Adds `latency_ms` (dense, pruned, speedup per batch size) to a prune report when asked.
 
-    Modifies `report` in place; does nothing when `request` is None.
+    Modifies `report` in place; does nothing when not asked or already measured (the
+    check of a latency budget measures the same).
     """
-    if request is None:
+    if request is None or not request.measure or "latency_ms" in report:
         return
     from exporters.latency import measure_latency, speedup
 
@@ -75,7 +77,7 @@ def prune_latency(
 
 def model_latency(model, example: tuple, request: LatencyRequest | None) -> dict:
     """`{"latency_ms": {"model": {batch: ms}, ...}}` for `compress info`; {} when not asked."""
-    if request is None:
+    if request is None or not request.measure:
         return {}
     from exporters.latency import measure_latency
 
@@ -90,6 +92,15 @@ def print_model_latency(found: dict) -> None:
     if found:
         timed = found["latency_ms"]["model"]
         click.echo("latency: " + ", ".join(f"batch {b}: {ms:.3g} ms" for b, ms in timed.items()))
+
+
+def budget_measurer(budget, example: tuple, request: LatencyRequest):
+    """prune()'s `measure_latency` for a latency budget (None for any other budget)."""
+    if getattr(budget, "metric", None) != "latency":
+        return None
+    from exporters.latency import graph_measurer
+
+    return graph_measurer(example, threads=request.threads, batches=request.batches)
 
 
 def _runtime() -> str:

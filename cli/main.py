@@ -187,8 +187,9 @@ Examples:
 @click.option("--sparsity", type=SparsityType(), help="Fraction of zero weights, e.g. 0.9 or 90%.")
 @click.option(
     "--budget-metric",
-    type=click.Choice(["weights", "flops", "volume"]),
-    help="What --budget counts (default: the method's own).",
+    type=click.Choice(["weights", "flops", "volume", "latency"]),
+    help="What --budget counts (default: the method's own); latency: onnxruntime ms, "
+    "measured on the exported graph (bar, channel-magnitude, gss structure).",
 )
 @click.option("--data", help="Data spec for calibration / training (e.g. digits)." + DATA_RUNS_CODE)
 @click.option(

@@ -112,13 +112,14 @@ def validate(cls, source: str, output: str, options: dict) -> PruneJob:
 def run(job: PruneJob, target, config: dict, options: dict):
     """Prunes (every rank); returns the Result on rank 0 with accuracies added, else None."""
     from cli.guard import check_pruned
-    from cli.latency import prune_latency
+    from cli.latency import budget_measurer, prune_latency
     from compressor import distributed
     from compressor.methods import prune
     from compressor.train import evaluate
 
     main = distributed.is_main()
     dense_top1 = evaluate(job.loaded.model, job.test_loader, job.task_output) if main else None
+    example = example_inputs(job.loaded, job.data)
     result = prune(
         job.loaded.model,
         options["method"],
@@ -128,6 +129,7 @@ def run(job: PruneJob, target, config: dict, options: dict):
         checkpoint_path=options["checkpoint_path"],
         resume=options["resume"],
         check_ranks=options["check_ranks"],
+        measure_latency=budget_measurer(target, example, options["latency"]),
         **config,
     )
     if not main:
@@ -136,7 +138,6 @@ def run(job: PruneJob, target, config: dict, options: dict):
     result.report["top1"] = evaluate(result.model, job.test_loader, job.task_output)
     result.report["source"] = job.source
     check_pruned(result.report, job.data, job.min_accuracy)
-    example = example_inputs(job.loaded, job.data)
     prune_latency(result.report, job.loaded.model, result.model, example, options["latency"])
     return result
 

@@ -143,5 +143,20 @@ def print_prune_summary(report: dict, output: str) -> None:
     click.echo(", ".join(parts) + f" -> {output}")
     if report.get("latency_ms"):
         click.echo(f"latency: {format_latency(report['latency_ms'])}")
+    if report.get("latency"):
+        click.echo(f"latency budget: {format_latency_budget(report['latency'])}")
     for line in report.get("tied_streams") or ():  # mixed mode fell back for these streams
         click.echo(f"note: {line}")
+
+
+def format_latency_budget(latency: dict) -> str:
+    """`requested 2x, predicted 2.05x, measured 1.93x at batch 1 (0 re-fits)`."""
+    text = f"requested {latency['requested_speedup']:.3g}x, "
+    text += f"predicted {latency['predicted_speedup']:.3g}x"
+    measured = latency.get("measured_speedup")
+    if not measured:
+        return text + " (not measured)"
+    batch = str(latency["checked_batch"])
+    return (
+        text + f", measured {measured[batch]:.3g}x at batch {batch} ({latency['refits']} re-fits)"
+    )

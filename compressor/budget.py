@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from compressor.errors import InputError
 
-METRICS = ("weights", "flops", "volume")
+METRICS = ("weights", "flops", "volume", "latency")  # latency: predicted ms, then measured
 BUDGET_FORMS = "a reduction factor like '4x' (> 1), a sparsity like '75%' or '0.75' (in [0, 1))"
 _FACTOR = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[xX]\s*$")
 _PERCENT = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+)\s*%\s*$")
@@ -24,7 +24,8 @@ class Budget:
     """A compression target.
 
     Attributes:
-        metric: what is counted: "weights" (prunable weights), "flops" or "volume".
+        metric: what is counted: "weights" (prunable weights), "flops", "volume" or
+            "latency" (onnxruntime milliseconds at batch 1).
         keep: the fraction of the metric that survives, in (0, 1].
     """
 

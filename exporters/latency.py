@@ -109,7 +109,12 @@ def measure_graphs(
     baseline against many candidates exports the baseline only once."""
     _check_settings(threads, batches)
     sessions = {name: _session(graph, threads) for name, graph in graphs.items()}
-    out: dict[str, dict[str, float]] = {name: {} for name in graphs}
+    return time_sessions(sessions, example, batches, rounds)
+
+
+def time_sessions(sessions: Mapping, example: tuple, batches: Sequence[int], rounds: int) -> dict:
+    """`measure_latency` on onnxruntime sessions already built (name -> session)."""
+    out: dict[str, dict[str, float]] = {name: {} for name in sessions}
     for batch in batches:
         feeds = {name: _feed(session, example, batch) for name, session in sessions.items()}
         runners = {name: _runner(sessions[name], feeds[name], batch) for name in sessions}
@@ -166,3 +171,36 @@ def _runner(session, feed: dict[str, np.ndarray], batch: int) -> Callable[[], ob
             ) from exc
 
     return run
+
+
+def graph_measurer(
+    example: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    threads: int = THREADS,
+    batches: Sequence[int] = BATCHES,
+    rounds: int = ROUNDS,
+) -> Callable[[nn.Module, nn.Module], dict]:
+    """The `prune(..., measure_latency=...)` check of a latency budget: (dense, slimmed)
+    exported to ONNX in memory and timed by `measure_latency` (batch 1 is always timed).
+
+    Returns:
+        A callable giving {"dense": {batch: ms}, "pruned": {...}, "speedup": {...},
+        "threads": threads, "runtime": "onnxruntime X (CPU)"}.
+    """
+    import onnxruntime
+
+    _check_settings(threads, batches)
+    batches = tuple(dict.fromkeys((1, *batches)))
+    example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    dense_sessions: dict[int, object] = {}  # re-fits time the same dense model: export it once
+
+    def measure(dense: nn.Module, slimmed: nn.Module) -> dict:
+        if id(dense) not in dense_sessions:
+            dense_sessions[id(dense)] = _session(_graph(dense, example), threads)
+        sessions = {"dense": dense_sessions[id(dense)]}
+        sessions["pruned"] = _session(_graph(slimmed, example), threads)
+        timed = time_sessions(sessions, example, batches, rounds)
+        extra = {"speedup": speedup(timed["dense"], timed["pruned"]), "threads": threads}
+        return timed | extra | {"runtime": f"onnxruntime {onnxruntime.__version__} (CPU)"}
+
+    return measure

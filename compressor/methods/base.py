@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from compressor import checkpoint, distill, distributed
+from compressor import checkpoint, distill, distributed, latency_check
 from compressor.budget import Budget, parse_budget
 from compressor.errors import CompressorWarning, InputError, TargetNotReachedError
 from compressor.factors import DenseBaseline
@@ -276,6 +276,7 @@ def prune(
     checkpoint_path: str | Path | None = None,
     resume: str | Path | None = None,
     check_ranks: bool = False,
+    measure_latency: latency_check.Measure | None = None,
     **config,
 ) -> Result:
     """Compresses `model` with `method` to `budget` and returns the Result.
@@ -291,6 +292,7 @@ def prune(
             `checkpoint_path`); the result is bit-identical to an uninterrupted run.
         check_ranks: in a data-parallel run, compare a digest of model and method state
             across ranks after every epoch (always done once at the end).
+        measure_latency: times (dense, slimmed) under a latency budget (see latency_check).
         **config: fields of the method's config dataclass.
 
     Raises:
@@ -305,19 +307,17 @@ def prune(
         raise InputError(f"method {method!r} needs data ({cls.needs}); pass --data SPEC")
     baseline = DenseBaseline(model, data)  # before any in-place change (copy_model=False)
     torch.manual_seed(seed)
+    copy_model = copy_model or budget.metric == "latency"  # a re-fit starts from the dense one
     instance = cls(clone_model(model) if copy_model else model, budget, **config)
-    if data is not None and cls.needs != "nothing":  # a wrong --task-output fails now
-        classes = data.num_classes if cls.needs == "labels" else None
-        example = data.sample_inputs(2).to(device_of(instance.model))
-        check_task_output(instance.model, example, instance.config.output, classes)
+    _check_output(instance, data)
     empty_before = tuple(empty_layers(model, instance.config.exclude))
     before = model_names(instance.model)  # for the postcondition: finalize() leaves none
-    session = {"path": checkpoint_path, "resume": resume, "fingerprint": None}
-    if checkpoint_path is not None or resume is not None:  # hashing the model costs a pass
-        config = _jsonable(dataclasses.asdict(instance.config))
-        session["fingerprint"] = checkpoint.fingerprint(method, config, budget, seed, model, data)
+    session = _session(instance, model, data, seed, checkpoint_path, resume)
     start = time.perf_counter()
     result, ranks = _run_session(instance, model, data, session, check_ranks)
+    if budget.metric == "latency":  # fitted on the layer table; checked on the real graph
+        rerun = _fresh_run(instance, model, data)
+        result, instance = latency_check.checked(result, instance, model, measure_latency, rerun)
     result.report["seconds"] = time.perf_counter() - start
     result.report["seed"] = seed
     result.report["factors"] = baseline.factors(result.model)
@@ -325,6 +325,36 @@ def prune(
         result.report["distributed"] = ranks
     _check_result(result, model, instance, before, empty_before)
     return result
+
+
+def _session(instance: Method, model: nn.Module, data, seed: int, path, resume) -> dict:
+    """Where a run checkpoints, what it resumes, and the fingerprint both must match."""
+    session = {"path": path, "resume": resume, "fingerprint": None}
+    if path is not None or resume is not None:  # hashing the model costs a pass
+        config = _jsonable(dataclasses.asdict(instance.config))
+        session["fingerprint"] = checkpoint.fingerprint(
+            instance.name, config, instance.budget, seed, model, data
+        )
+    return session
+
+
+def _check_output(instance: Method, data: Data | None) -> None:
+    """A wrong --task-output fails before any work (methods that read data only)."""
+    if data is not None and instance.needs != "nothing":
+        classes = data.num_classes if instance.needs == "labels" else None
+        example = data.sample_inputs(2).to(device_of(instance.model))
+        check_task_output(instance.model, example, instance.config.output, classes)
+
+
+def _fresh_run(instance: Method, model: nn.Module, data: Data | None):
+    """A latency re-fit: `instance`'s method and config run afresh on a copy of `model`."""
+
+    def rerun(budget: Budget) -> tuple[Result, Method]:
+        fresh = type(instance)(clone_model(model), budget, instance.config)
+        idle = {"path": None, "resume": None, "fingerprint": None}  # no checkpoints
+        return _run_session(fresh, model, data, idle, False)[0], fresh
+
+    return rerun
 
 
 def _check_result(result: Result, model: nn.Module, instance: Method, before, empty_before):

@@ -19,6 +19,8 @@ TARGET_TOLERANCE = 0.005  # DESIGN.md: achieved within 0.5 % of the request
 
 def check_target(report: dict, budget: Budget) -> None:
     """Raises TargetNotReachedError unless the achieved value is within tolerance."""
+    if budget.metric == "latency" and report.get("latency", {}).get("measured_speedup"):
+        return  # the exported graph's measured check replaces the table's (latency_check)
     if budget.metric != "weights":
         achieved = report.get("achieved", {}).get("keep")
     else:

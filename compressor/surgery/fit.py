@@ -88,8 +88,10 @@ def aligned_counts(size: int, fixed: int, round_to: int = 1) -> list[int]:
     return [k for k in range(round_to, size, round_to) if k >= floor] + [size]
 
 
-def check_round_to(round_to) -> int:
-    """`round_to` as an int >= 1, else InputError naming the value."""
+def check_round_to(round_to) -> int | None:
+    """`round_to` as an int >= 1 (None: the metric's default), else InputError naming it."""
+    if round_to is None:
+        return None
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise InputError(
             f"round_to {round_to!r}: give a whole number of channels >= 1 (1 = no alignment), "
@@ -121,7 +123,7 @@ def fit_budget(
         TargetNotReachedError: Even the smallest network (each unit at its floor) costs
             more than `target`.
     """
-    search = _Search(units, cost, check_round_to(round_to))
+    search = _Search(units, cost, check_round_to(round_to) or 1)
     masks = search.start_masks(start)
     before = search.cost_of_masks(masks)
     if low <= before <= target and search.aligned(masks):

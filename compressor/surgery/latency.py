@@ -8,7 +8,9 @@ several rounds) and cached as JSON under the user's cache directory, in a file w
 hashes the onnxruntime version, the CPU model and the thread count: a table measured on one
 machine is never read on another. The timer is injectable, so tests use a deterministic one.
 
-The sum ignores what lies between the layers (activations, pools, joins), so it ranks
+Every run of a graph also pays a fixed cost (the session call, copying the input and
+output) that each one-layer timing includes: it is timed once (an Identity graph), taken out
+of every layer and counted once per network. The sum ignores what lies between the layers (activations, pools, joins), so it ranks
 decisions well but is not the graph's latency; a budget met with it is checked by timing
 the exported graph (exporters/latency.py).
 """
@@ -39,6 +41,7 @@ ALIGN_CANDIDATES = (2, 4, 8, 16, 32)  # channel multiples SIMD kernels block by
 ALIGN_LAYERS = 3  # the slowest layer shapes that decide the multiple
 ALIGN_TOLERANCE = 0.05  # rounding up "costs no time" within this (timer noise)
 
+OVERHEAD_KEY = "overhead"  # the table's entry for the fixed cost of one graph run
 Spec = dict  # one layer shape: see `layer_spec`
 Timer = Callable[[Spec], float]  # milliseconds of one run of a single-layer graph
 
@@ -106,6 +109,17 @@ class LatencyTable:
             self.measured += 1
         return self.entries[key]
 
+    def overhead(self) -> float:
+        """The fixed milliseconds of one graph run, timed once (0 for a timer without
+        an `overhead()`, e.g. a fake one)."""
+        if OVERHEAD_KEY not in self.entries:
+            measure = getattr(self.timer, "overhead", None)
+            if measure is None:
+                return 0.0
+            self.entries[OVERHEAD_KEY] = float(measure())
+            self.measured += 1
+        return self.entries[OVERHEAD_KEY]
+
     def save(self) -> None:
         """Writes the table (a temporary file renamed over the old one: never half written)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,8 +156,10 @@ class LatencyModel:
         return found
 
     def cost(self, keep: dict, residual: str | None = None) -> float:
-        """Predicted milliseconds: the sum of the table's time for every layer call."""
-        return sum(self.table.lookup(spec) for spec in self.specs(keep, residual))
+        """Predicted milliseconds: the fixed cost of a run plus every layer call's own time."""
+        base = self.table.overhead()
+        specs = self.specs(keep, residual)
+        return base + sum(max(0.0, self.table.lookup(spec) - base) for spec in specs)
 
     def dense(self) -> float:
         """Predicted milliseconds of the unslimmed model."""
@@ -240,10 +256,23 @@ class OrtLayerTimer:
         self.threads, self.rounds, self.clock = threads, rounds, clock
 
     def __call__(self, spec: Spec) -> float:
+        return self._time(*_single_layer_graph(spec))
+
+    def overhead(self) -> float:
+        """Milliseconds of one run of an Identity graph: what every run costs."""
+        from onnx import TensorProto, helper
+
+        node = helper.make_node("Identity", ["x"], ["y"])
+        value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+        graph = helper.make_graph([node], "noop", [value], [out])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        return self._time(model.SerializeToString(), [1, 1])
+
+    def _time(self, graph: bytes, input_shape: list[int]) -> float:
         import numpy as np
         import onnxruntime as ort
 
-        graph, input_shape = _single_layer_graph(spec)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1

@@ -182,7 +182,7 @@ def pad(walker: Walker, node: fx.Node) -> None:
     track = walker.track(x)
     if track is None:
         return
-    widths = list(arg(node, 1, "pad", []))
+    widths = [walker.value(w) for w in walker.value(arg(node, 1, "pad", []))]  # may be nodes
     rank = walker.value(x).dim()
     padded = {rank - 1 - i // 2 for i, w in enumerate(widths) if w}
     if track.axis in padded:

@@ -38,6 +38,9 @@ Choices of ours, where METHODS.md is silent or we depart from it:
   BatchNorm statistics are re-estimated after slimming.
 * For the FLOP metric a channel's A_l is its dense MACs in its producers plus its consumers
   (shared among a mixed stream's producers).
+* For the latency metric (a per-layer onnxruntime table, surgery/latency.py) A_l is that
+  FLOP weight times the dense model's predicted ms per MAC, so L_S / V0 is the FLOP one and
+  lambda_ keeps its meaning; the hard cost V and the budget step use the table itself.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ from compressor.methods.base import (
 from compressor.methods.phases import Phase, device_of, task_loss_of
 from compressor.surgery.cost import CostModel
 from compressor.surgery.fit import check_round_to, fit_budget
+from compressor.surgery.pricing import Pricer
 from compressor.surgery.streams import check_exact
 from compressor.train import Distill, sgd
 
@@ -139,8 +143,9 @@ class BarConfig(MethodConfig):
     # model (this many batches) before it trains on.
     bn_batches: int = 100
     # --round-to: every slimmed layer keeps a multiple of this many channels (or all of
-    # them), the widths vectorised kernels run fastest at; 1 leaves counts free
-    round_to: int = 1
+    # them), the widths vectorised kernels run fastest at; None: 1, or under a latency
+    # budget the multiple where the measured table's kernel rate steps up
+    round_to: int | None = None
 
     # --- Distillation (METHODS.md: objective): L_task is KD from the dense model.
     distill: bool = True  # METHODS.md: KD from the dense model when one exists, else CE
@@ -155,7 +160,7 @@ class Bar(Method):
     Config = BarConfig
     # FLOPs first: a bare `--budget 4x` means 4x fewer MACs, what users deploy for; volume
     # (the paper's own metric) stays available with --budget-metric volume
-    metrics = ("flops", "volume")
+    metrics = ("flops", "volume", "latency")
     needs = "labels"
     demo_config: ClassVar[dict] = {"epochs": 3, "finetune_epochs": 2}
     smoke_config: ClassVar[dict] = {"epochs": 1, "finetune_epochs": 1, "bn_batches": 2}
@@ -170,6 +175,7 @@ class Bar(Method):
         if self.config.epochs < 0 or self.config.finetune_epochs < 0:
             raise InputError("epochs and finetune_epochs must be >= 0")
         check_round_to(self.config.round_to)
+        self.round_to = self.config.round_to  # the one used: set by decide()
         self.example: tuple | None = None
         self.gates: Gates | None = None
         self.masks: list[torch.Tensor] | None = None
@@ -184,6 +190,7 @@ class Bar(Method):
         cfg = self.config
         self.example = example_of(self.model, example_inputs)
         self.costs = CostModel(self.model, self.example, cfg.residual)
+        self.pricer = Pricer(self.costs, self.model, self.example, self.budget.metric)
         skip = excluder(cfg.exclude)
         self.tied = tied_fallback(self.model, self.costs, self.example, cfg.residual, skip)
         # a layout no decision could slim exactly is refused before training, not after
@@ -194,8 +201,8 @@ class Bar(Method):
         init_log_alpha_(units, cfg.log_alpha_init, cfg.log_alpha_noise)
         counts = own_counts(units)
         for unit in units:
-            unit.weight = channel_weights(
-                self.costs, unit, self.budget.metric, counts.get(unit.group.id, 0)
+            unit.weight = self.pricer.per_count() * channel_weights(
+                self.costs, unit, self.pricer.counted(), counts.get(unit.group.id, 0)
             )
         self.gates = Gates(units, cfg.beta, cfg.gamma, cfg.zeta)
         self.gates.to_(device_of(self.model))
@@ -203,7 +210,7 @@ class Bar(Method):
         self.gate_optimizer = torch.optim.SGD(
             self.gates.parameters(), lr=cfg.gate_lr, momentum=cfg.gate_momentum
         )
-        self.dense_cost = self.costs.dense(self.budget.metric)
+        self.dense_cost = self.pricer.dense()
         self.target = self.budget.keep * self.dense_cost
         self._refresh(0.0)
 
@@ -267,9 +274,16 @@ class Bar(Method):
         keep = keep_dict(self.gates.units, [m.cpu() for m in self.masks])
         tied = self.costs.predict(keep, "tied")  # priced before slimming changes the layers
         slimmed = slim_model(self.model, keep, self.example, self.config.residual)
-        config = _jsonable(self.config.__dict__)
+        config = _jsonable(self.config.__dict__ | {"round_to": self.round_to})
         report = structured_report(
-            self.name, config, self.budget, self.costs, slimmed, self.example, self.adjustment, tied
+            self.name,
+            config,
+            self.budget,
+            self.pricer,
+            slimmed,
+            self.example,
+            self.adjustment,
+            tied,
         )
         report["budget_step"]["note"] = self._note()
         report["tied_streams"] = list(self.tied.values())
@@ -294,8 +308,7 @@ class Bar(Method):
 
     def cost_of(self, masks: list[torch.Tensor]) -> float:
         # the cost engine counts on the CPU, wherever the gates live
-        keep = keep_dict(self.gates.units, [m.cpu() for m in masks])
-        return self.costs.cost(keep, self.budget.metric)
+        return self.pricer.cost(keep_dict(self.gates.units, [m.cpu() for m in masks]))
 
     def _refresh(self, progress: float) -> None:
         self.current = self.cost_of(self.learned_masks())
@@ -313,14 +326,16 @@ class Bar(Method):
         units = self.gates.units
         low = self.target - min(self.config.tolerance * self.target, 0.005 * self.dense_cost)
         scores = [u.log_alpha.detach() for u in units]
+        self.round_to = self.pricer.round_to(self.config.round_to)
         self.adjustment = fit_budget(
             fit_units(units, scores),
-            lambda keep: self.costs.cost(keep, self.budget.metric),
+            self.pricer.cost,
             self.target,
             low,
             start=self.learned_masks(),
-            round_to=self.config.round_to,
+            round_to=self.round_to,
         )
+        self.pricer.save()
         self.masks = self.adjustment.masks
         for unit, mask in zip(units, self.masks):
             z = self.gates.test_values(unit).detach()

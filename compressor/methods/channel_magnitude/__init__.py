@@ -43,6 +43,7 @@ from compressor.methods.phases import Phase, device_of
 from compressor.surgery import mask_
 from compressor.surgery.cost import CostModel
 from compressor.surgery.fit import check_round_to, fit_budget
+from compressor.surgery.pricing import Pricer
 from compressor.train import Distill
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class ChannelMagnitudeConfig(MethodConfig):
     alpha: float = _BAR.alpha  # BAR's KD alpha
     tolerance: float = _BAR.tolerance  # met from below within min(1 % B, 0.5 % V0), as BAR
     bn_batches: int = _BAR.bn_batches  # BatchNorm re-estimated after slimming, as BAR
-    round_to: int = _BAR.round_to  # --round-to: kept counts multiples of this (1: free)
+    round_to: int | None = _BAR.round_to  # --round-to: multiples of this (None: BAR's default)
 
 
 def filter_l1(model: torch.nn.Module, unit: GateUnit) -> torch.Tensor:
@@ -100,7 +101,7 @@ class ChannelMagnitude(Method):
     """L1-norm channel pruning to a volume or FLOP budget, slimmed, then fine-tuned."""
 
     Config = ChannelMagnitudeConfig
-    metrics = ("flops", "volume")  # FLOPs first: the default of a bare `--budget 4x`
+    metrics = ("flops", "volume", "latency")  # FLOPs first: the default of a bare `--budget 4x`
     needs = "labels"
     demo_config: ClassVar[dict] = {"finetune_epochs": 5}
     smoke_config: ClassVar[dict] = {"finetune_epochs": 1, "bn_batches": 2}
@@ -121,6 +122,7 @@ class ChannelMagnitude(Method):
         cfg = self.config
         self.example = example_of(self.model, example_inputs)
         self.costs = CostModel(self.model, self.example, cfg.residual)
+        self.pricer = Pricer(self.costs, self.model, self.example, self.budget.metric)
         skip = excluder(cfg.exclude)
         self.tied = tied_fallback(self.model, self.costs, self.example, cfg.residual, skip)
         self.units = build_units(self.costs.analysis.groups, cfg.residual, skip, self.tied)
@@ -129,21 +131,23 @@ class ChannelMagnitude(Method):
         raw = [filter_l1(self.model, u) for u in self.units]
         # normalised per unit, so the budget step compares channels across layers fairly
         self.scores = [s / s.max().clamp_min(1e-12) for s in raw]
-        dense = self.costs.dense(self.budget.metric)
+        dense = self.pricer.dense()
         self.target = self.budget.keep * dense
         low = self.target - min(cfg.tolerance * self.target, 0.005 * dense)
+        self.round_to = self.pricer.round_to(cfg.round_to)
         self.adjustment = fit_budget(
             fit_units(self.units, self.scores),
-            lambda keep: self.costs.cost(keep, self.budget.metric),
+            self.pricer.cost,
             self.target,
             low,
             start=self._uniform(self._best_ratio()),
-            round_to=cfg.round_to,
+            round_to=self.round_to,
         )
+        self.pricer.save()
         self.masks = self.adjustment.masks
 
     def cost_of(self, masks: list[torch.Tensor]) -> float:
-        return self.costs.cost(keep_dict(self.units, masks), self.budget.metric)
+        return self.pricer.cost(keep_dict(self.units, masks))
 
     def _uniform(self, ratio: float) -> list[torch.Tensor]:
         masks = [top_fraction(s, u.fixed, ratio) for s, u in zip(self.scores, self.units)]
@@ -173,9 +177,16 @@ class ChannelMagnitude(Method):
         mask_(self.model, keep, self.example, residual=self.config.residual, norms=True)
         tied = self.costs.predict(keep, "tied")  # priced before slimming changes the layers
         slimmed = slim_model(self.model, keep, self.example, self.config.residual)
-        config = _jsonable(self.config.__dict__)
+        config = _jsonable(self.config.__dict__ | {"round_to": self.round_to})
         report = structured_report(
-            self.name, config, self.budget, self.costs, slimmed, self.example, self.adjustment, tied
+            self.name,
+            config,
+            self.budget,
+            self.pricer,
+            slimmed,
+            self.example,
+            self.adjustment,
+            tied,
         )
         report["tied_streams"] = list(self.tied.values())
         self.model = slimmed.model  # what the fine-tuning phase trains

@@ -53,6 +53,7 @@ from compressor.stats import measure
 from compressor.surgery import channel_groups, slim_
 from compressor.surgery.cost import CostModel
 from compressor.surgery.fit import FitUnit, fit_budget
+from compressor.surgery.pricing import Pricer
 from compressor.surgery.select import input_feature_layers, select_inputs_, with_input_features
 
 if TYPE_CHECKING:
@@ -98,8 +99,8 @@ class GssConfig(MethodConfig):
     momentum: float = 0.9  # only for optimiser="sgd"
     batch_size: int = 100  # official --batch-size 100
     # --round-to (structure variant): every slimmed layer keeps a multiple of this many
-    # channels (or all of them); 1 leaves counts free
-    round_to: int = 1
+    # channels (or all of them); None: 1, or the latency table's rate multiple
+    round_to: int | None = None
 
 
 @register_method("gss")
@@ -107,7 +108,8 @@ class Gss(Method):
     """GSS (METHODS.md §4): Deep GSS regularised training, pruning, fine-tuning, slimming."""
 
     Config = GssConfig
-    metrics = ("weights", "flops")  # weights for the element variant, FLOPs for structure
+    # weights for the element variant, FLOPs (or latency) for structure
+    metrics = ("weights", "flops", "latency")
     needs = "labels"
     demo_config = {"epochs": 4, "finetune_epochs": 2}
     smoke_config = {"epochs": 1, "finetune_epochs": 1}
@@ -271,12 +273,13 @@ class Gss(Method):
 
     def _mask_channels(self) -> None:
         costs = CostModel(self.model, self.example, "tied", groups=self.groups)
-        dense = costs.dense("flops")
+        pricer = Pricer(costs, self.model, self.example, self.budget.metric)
+        dense = pricer.dense()
         ranks = gss_prune.channel_scores(self.model, self.neurons, self.config.rank)
         scores = gss_prune.channel_scores(self.model, self.neurons, "std")
         threshold = gss_prune.threshold_channels(self.neurons, scores, self.config.ratio)
-        self.extra["dense_flops"] = dense
-        self.extra["threshold_keep"] = costs.cost(threshold, "flops") / dense
+        self.extra["dense_flops"] = costs.dense("flops")
+        self.extra["threshold_keep"] = pricer.cost(threshold) / dense
         if self.config.prune == "threshold":
             self.keep = threshold
         else:
@@ -286,16 +289,17 @@ class Gss(Method):
             units = [
                 FitUnit(ng.group.id, rank, ~ng.channels) for ng, rank in zip(self.neurons, ranks)
             ]
+            self.extra["round_to"] = pricer.round_to(self.config.round_to)
             fit = fit_budget(
-                units,
-                lambda keep: costs.cost(keep, "flops"),
-                target,
-                target - slack,
-                round_to=self.config.round_to,
+                units, pricer.cost, target, target - slack, round_to=self.extra["round_to"]
             )
+            pricer.save()
             self.keep = {unit.key: mask for unit, mask in zip(units, fit.masks)}
             if fit.miss:
                 self.extra["miss"] = fit.miss
+        # latency: the table's prediction is the achieved keep (the exported graph is timed later)
+        self.extra["latency_keep"] = pricer.cost(self.keep) / dense if pricer.latency else None
+        self.extra |= {"achieved_latency": pricer.report(pricer.cost(self.keep))}
         masks = gss_prune.channel_masks(self.model, self.groups, self.keep)
         gss_prune.install_masks_(self.model, masks)
         self.masked = True
@@ -310,8 +314,10 @@ class Gss(Method):
             select_inputs_(self.model, features, self.example)
         self.layers = prunable_layers(self.model, self.config.exclude)
         stats = measure(self.model, self.example)
-        dense = self.extra["dense_flops"]
+        dense, latency_keep = self.extra["dense_flops"], self.extra.pop("latency_keep")
         self.extra["achieved"] = {"keep": stats.flops / dense, "flops": stats.flops}
+        if latency_keep is not None:
+            self.extra["achieved"] |= {"keep": latency_keep} | self.extra.pop("achieved_latency")
         self.extra["requested"] = {"flops_keep": self.budget.keep}
         self.extra["weights"] = stats.prunable_params
         self.extra["structure"] = structure_of(self.model)

@@ -39,8 +39,8 @@ def check_config(cfg: GssConfig, budget: Budget) -> str:
     check_round_to(cfg.round_to)
     variant = cfg.variant
     if variant == "auto":
-        variant = "structure" if budget.metric == "flops" else "element"
-    if variant == "element" and cfg.round_to != 1:
+        variant = "structure" if budget.metric in ("flops", "latency") else "element"
+    if variant == "element" and cfg.round_to not in (None, 1):
         raise InputError(
             f"gss: round_to {cfg.round_to} aligns channel counts, which only the structure "
             "variant removes; drop --round-to or give --budget NX (FLOPs)"
@@ -51,9 +51,10 @@ def check_config(cfg: GssConfig, budget: Budget) -> str:
             f"gss --variant element prunes weights, not {budget.metric}: "
             f"give --sparsity {budget.sparsity:.4g}"
         )
-    if variant == "structure" and budget.metric != "flops":
+    if variant == "structure" and budget.metric not in ("flops", "latency"):
         raise InputError(
-            f"gss --variant structure removes channels to a FLOP budget, not {budget.metric}: "
+            f"gss --variant structure removes channels to a FLOP or latency budget, not "
+            f"{budget.metric}: "
             f"give --budget {budget.factor:.4g}x (FLOPs is the default for this variant)"
         )
     return variant

@@ -1,0 +1,99 @@
+"""Latency budgets: requested against measured speed-up of the exported graph.
+
+    .venv/bin/python -m bench.latency_budget        # ~5-10 min on 2 shared cores (first run
+                                                    # also fills the latency table cache)
+
+LeNet-5 and ResNet-20 (zoo, untrained: latency does not depend on the weights) on 8x8
+digits (256 images), pruned with `--budget-metric latency` at 2x and 3x by
+channel-magnitude (no fine-tuning) and BAR (1 gate epoch, no fine-tuning): the decision is
+fitted on the per-layer onnxruntime table, then the exported dense and slimmed graphs are
+timed alternately (7 rounds, medians, 1 intra-op thread) at batch 1 and 32, with up to 3
+re-fits when batch 1 misses the request by more than 10 % (compressor/latency_check.py).
+Writes the RESULTS.md section latency_budget and bench/out/latency_budget.json.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bench.common import machine, markdown_table, write_json, write_section
+from compressor import zoo
+from compressor.budget import Budget
+from compressor.data import load_data
+from compressor.errors import TargetNotReachedError
+from compressor.methods import prune
+from exporters.latency import graph_measurer
+
+# ResNet-20 both ways: mixed blocks add ScatterND joins the layer table does not see
+ARCHS = (("lenet5", {}), ("resnet20", {"residual": "mixed"}), ("resnet20", {"residual": "tied"}))
+FACTORS = (2, 3)
+METHODS = {
+    "channel-magnitude": {"finetune_epochs": 0, "bn_batches": 2},
+    "bar": {"epochs": 1, "finetune_epochs": 0, "bn_batches": 2},
+}
+BATCHES = (1, 32)
+COLUMNS = ["model", "method", "requested", "predicted", "measured b1", "measured b32"]
+COLUMNS += ["dense b1 ms", "slim b1 ms", "dense b32 ms", "slim b32 ms", "re-fits", "round-to"]
+
+
+def one(arch: str, extra: dict, method: str, factor: int, data) -> dict:
+    """Prunes one model to `factor`x latency; the row of the table."""
+    torch.manual_seed(0)
+    model = zoo.build(arch, in_channels=1, num_classes=10, input_size=8).eval()
+    measurer = graph_measurer(data.sample_inputs(2), threads=1, batches=BATCHES)
+    name = arch + "".join(f" ({v})" for v in extra.values())
+    row = {"model": name, "method": method, "requested": f"{factor}x"}
+    start = time.perf_counter()
+    try:
+        result = prune(
+            model,
+            method,
+            Budget("latency", 1 / factor),
+            data,
+            measure_latency=measurer,
+            **METHODS[method] | extra,
+        )
+    except TargetNotReachedError as exc:
+        return row | {"predicted": "failed", "measured b1": str(exc).split(" (tolerance")[0]}
+    latency, timed = result.report["latency"], result.report["latency_ms"]
+    return row | {
+        "predicted": f"{latency['predicted_speedup']:.2f}x",
+        "measured b1": f"{latency['measured_speedup']['1']:.2f}x",
+        "measured b32": f"{latency['measured_speedup']['32']:.2f}x",
+        "dense b1 ms": f"{timed['dense']['1']:.3f}",
+        "slim b1 ms": f"{timed['pruned']['1']:.3f}",
+        "dense b32 ms": f"{timed['dense']['32']:.3f}",
+        "slim b32 ms": f"{timed['pruned']['32']:.3f}",
+        "re-fits": latency["refits"],
+        "round-to": result.report["config"]["round_to"],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    data = load_data("digits", seed=0, limit=256)
+    rows = []
+    for arch, extra in ARCHS:
+        for method in METHODS:
+            for factor in FACTORS:
+                rows.append(one(arch, extra, method, factor, data))
+                print(rows[-1], flush=True)
+    table = markdown_table(rows, COLUMNS)
+    print(table)
+    write_json("latency_budget", rows)
+    write_section(
+        "latency_budget",
+        "## Latency budgets: requested vs measured speed-up (bench/latency_budget.py)\n\n"
+        "`/work/main/.venv/bin/python -m bench.latency_budget` on " + machine() + "; "
+        "onnxruntime CPU, 1 intra-op thread, 8x8 digits inputs, untrained zoo models. "
+        "predicted: the layer table's speed-up at batch 1; measured: the exported graphs, "
+        "dense and slimmed alternated, 7 rounds, medians. The check (and re-fits) use batch 1.\n\n"
+        + table,
+    )
+
+
+if __name__ == "__main__":
+    main()
