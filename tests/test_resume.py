@@ -62,6 +62,7 @@ def uninterrupted(lenet5_pt2, digits_npz, tmp_path_factory):
     return done
 
 
+@pytest.mark.slow  # CLI subprocesses, killed and resumed
 @pytest.mark.parametrize("name,kill_at", KILLS)
 def test_killed_run_resumes_bit_identical(
     name, kill_at, lenet5_pt2, digits_npz, uninterrupted, tmp_path
@@ -83,6 +84,7 @@ def test_killed_run_resumes_bit_identical(
         assert torch.equal(reference[key], got[key]), key
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_replays_to_the_same_result(
     uninterrupted, lenet5_pt2, digits_npz, tmp_path
 ):
@@ -96,6 +98,7 @@ def test_resume_of_a_finished_run_replays_to_the_same_result(
     assert all(torch.equal(reference[k], got[k]) for k in reference)
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_every_phase(uninterrupted):
     state = torch.load(uninterrupted["bar"][1], weights_only=True)
     assert state["format"] == checkpoint.FORMAT
