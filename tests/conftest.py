@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +45,28 @@ def lenet5_pt2(tmp_path_factory, lenet5_digits, digits) -> Path:
     save_model(
         lenet5_digits, path, example_inputs=(digits.sample_inputs(2),), report={"method": "dense"}
     )
+    return path
+
+
+# Images per split in `digits_npz`: 4 batches of 64 per training epoch instead of digits' 21.
+NPZ_TRAIN, NPZ_HELD_OUT = 256, 128
+
+
+@pytest.fixture(scope="session")
+def digits_npz(tmp_path_factory, digits) -> Path:
+    """The first 256 train (128 val, 128 test) digits as an .npz data spec for subprocess runs.
+
+    A CLI run in a subprocess pays for every training step, and `--data digits` also imports
+    scikit-learn (2-3 s) to split; this file has its own splits, so neither cost comes back.
+    """
+    arrays = {}
+    for part, name, count in (("train", "", NPZ_TRAIN), ("val", "_val", NPZ_HELD_OUT)):
+        x, y = getattr(digits, part).dataset.tensors
+        arrays |= {f"x{name}": x[:count].numpy(), f"y{name}": y[:count].numpy()}
+    x, y = digits.test.dataset.tensors
+    arrays |= {"x_test": x[:NPZ_HELD_OUT].numpy(), "y_test": y[:NPZ_HELD_OUT].numpy()}
+    path = tmp_path_factory.mktemp("data") / "digits256.npz"
+    np.savez(path, **arrays)
     return path
 
 

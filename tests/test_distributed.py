@@ -36,11 +36,14 @@ def _check_ranks(report: dict, phases_epochs: int) -> None:
     assert info["rank_checks"] == phases_epochs + 1  # every epoch, and once at the end
 
 
-def test_probmask_two_processes_via_nproc(lenet5_pt2, tmp_path):
+# The runs train on `digits_npz` (256 images, 2 x 32 per step): every rank check and the
+# bit-identical final state need epochs, not many steps in each.
+@pytest.mark.slow
+def test_probmask_two_processes_via_nproc(lenet5_pt2, digits_npz, tmp_path):
     out, report = tmp_path / "p.pt2", tmp_path / "p.json"
     run = _run(
         [sys.executable, "-m", "cli.main", "prune", lenet5_pt2, "--method", "probmask"]
-        + ["--sparsity", "0.9", "--data", "digits", "--epochs", "2", "--finetune-epochs", "1"]
+        + ["--sparsity", "0.9", "--data", digits_npz, "--epochs", "2", "--finetune-epochs", "1"]
         + ["--nproc", "2", "--check-ranks", "-o", out, "--report", report]
     )
     assert run.returncode == 0, run.stderr
@@ -51,12 +54,13 @@ def test_probmask_two_processes_via_nproc(lenet5_pt2, tmp_path):
     assert abs(zeros - round(0.9 * total)) <= 1  # the target, to within one weight
 
 
-def test_bar_two_processes_via_torchrun(lenet5_pt2, tmp_path):
+@pytest.mark.slow
+def test_bar_two_processes_via_torchrun(lenet5_pt2, digits_npz, tmp_path):
     out, report = tmp_path / "b.pt2", tmp_path / "b.json"
     run = _run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
         + ["-m", "cli.main", "prune", lenet5_pt2, "--method", "bar", "--budget", "4x"]
-        + ["--data", "digits", "--epochs", "2", "--finetune-epochs", "1", "--check-ranks"]
+        + ["--data", digits_npz, "--epochs", "2", "--finetune-epochs", "1", "--check-ranks"]
         + ["-o", out, "--report", report]
     )
     assert run.returncode == 0, run.stderr

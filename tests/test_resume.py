@@ -19,16 +19,18 @@ from compressor.methods import prune
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
-# digits: 18 steps per epoch at batch 64. BAR: each step is two SGD steps (weights, gates)
-# in the gated phase, one in fine-tuning; ProbMask: one SGD step (the scores use Adam).
+# The runs train on `digits_npz` (256 images) so that each subprocess pays for few steps:
+# 4 steps per epoch at batch 64. BAR: each step is two SGD steps (weights, gates) in the
+# gated phase, one in fine-tuning; ProbMask: one SGD step (the scores use Adam).
+STEPS = 256 // 64
 RUNS = {
     "bar": ["--method", "bar", "--budget", "4x", "--epochs", "3", "--finetune-epochs", "2"],
     "probmask": ["--method", "probmask", "--sparsity", "0.9", "--epochs", "3"],
 }
 KILLS = [
-    pytest.param("bar", 2 * 18 + 2 * 9, id="bar-gated-phase-mid-epoch-2"),
-    pytest.param("bar", 2 * 54 + 18 + 9, id="bar-finetune-phase-mid-epoch-2"),
-    pytest.param("probmask", 18 + 9, id="probmask-mid-epoch-2"),
+    pytest.param("bar", 2 * STEPS + 2 * 2, id="bar-gated-phase-mid-epoch-2"),
+    pytest.param("bar", 2 * 3 * STEPS + STEPS + 2, id="bar-finetune-phase-mid-epoch-2"),
+    pytest.param("probmask", STEPS + 2, id="probmask-mid-epoch-2"),
 ]
 
 
@@ -46,24 +48,27 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(lenet5_pt2, tmp_path_factory):
+def uninterrupted(lenet5_pt2, digits_npz, tmp_path_factory):
     """Each method once without interruption, with --checkpoint (the reference)."""
     out = tmp_path_factory.mktemp("uninterrupted")
     done = {}
     for name, args in RUNS.items():
         ckpt, result = out / f"{name}.ckpt", out / f"{name}.pt2"
         run = _compress(
-            "prune", lenet5_pt2, *args, "--data", "digits", "--checkpoint", ckpt, "-o", result
+            "prune", lenet5_pt2, *args, "--data", digits_npz, "--checkpoint", ckpt, "-o", result
         )
         assert run.returncode == 0, run.stderr
         done[name] = (result, ckpt)
     return done
 
 
+@pytest.mark.slow  # CLI subprocesses, killed and resumed
 @pytest.mark.parametrize("name,kill_at", KILLS)
-def test_killed_run_resumes_bit_identical(name, kill_at, lenet5_pt2, uninterrupted, tmp_path):
+def test_killed_run_resumes_bit_identical(
+    name, kill_at, lenet5_pt2, digits_npz, uninterrupted, tmp_path
+):
     ckpt, result = tmp_path / "run.ckpt", tmp_path / "run.pt2"
-    common = ("prune", lenet5_pt2, *RUNS[name], "--data", "digits", "-o", result)
+    common = ("prune", lenet5_pt2, *RUNS[name], "--data", digits_npz, "-o", result)
     killed = _compress(*common, "--checkpoint", ckpt, kill_at=kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert ckpt.exists() and not result.exists()
@@ -79,17 +84,21 @@ def test_killed_run_resumes_bit_identical(name, kill_at, lenet5_pt2, uninterrupt
         assert torch.equal(reference[key], got[key]), key
 
 
-def test_resume_of_a_finished_run_replays_to_the_same_result(uninterrupted, lenet5_pt2, tmp_path):
+@pytest.mark.slow
+def test_resume_of_a_finished_run_replays_to_the_same_result(
+    uninterrupted, lenet5_pt2, digits_npz, tmp_path
+):
     result, ckpt = uninterrupted["bar"]
     again = tmp_path / "again.pt2"
     run = _compress(
-        "prune", lenet5_pt2, *RUNS["bar"], "--data", "digits", "--resume", ckpt, "-o", again
+        "prune", lenet5_pt2, *RUNS["bar"], "--data", digits_npz, "--resume", ckpt, "-o", again
     )
     assert run.returncode == 0, run.stderr
     reference, got = _weights(result), _weights(again)
     assert all(torch.equal(reference[k], got[k]) for k in reference)
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_every_phase(uninterrupted):
     state = torch.load(uninterrupted["bar"][1], weights_only=True)
     assert state["format"] == checkpoint.FORMAT
