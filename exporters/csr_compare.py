@@ -32,9 +32,12 @@ def output_diff(model: nn.Module, rebuilt: dict, example: tuple) -> float:
     """Max |outputs with the rebuilt tensors - outputs with the model's own| on `example`."""
     # functional_call swaps the tensors in for one call: no copy of the model (deep-copying
     # a lifted .pt2 graph is slow and warns), and the model is left as it was.
+    # buffers outside the state_dict (persistent=False: derived, e.g. a join's gather index)
+    # are not in a pack; the model's own serve, so strict still catches any stored one missing
+    derived = {k: v for k, v in model.named_buffers() if k not in model.state_dict()}
     with eval_mode(model), torch.no_grad():
         expected = flat_outputs(model, example)
-        out = torch.func.functional_call(model, rebuilt, example, strict=True)
+        out = torch.func.functional_call(model, derived | rebuilt, example, strict=True)
     got = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     return max(
         (float((e.double() - g.double()).abs().max()) for e, g in zip(expected, got) if e.numel()),
