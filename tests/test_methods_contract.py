@@ -17,6 +17,7 @@ from compressor.methods import get_method, list_methods, prune
 from compressor.methods.base import clone_model
 from compressor.methods.targets import TARGET_TOLERANCE
 from compressor.stats import measure
+from tests.conftest import GRAPH_EXPORTED
 
 SPARSITY = 0.9
 # every method runs where the model is (issue 16 item 8)
@@ -55,7 +56,8 @@ def test_method_contract(method, arch, device, small_digits, tmp_path):
     assert torch.isfinite(out).all()
     assert {p.device.type for p in pruned.parameters()} == {device}
     pruned, x, out = pruned.cpu(), x.cpu(), out.cpu()  # a .pt2 is saved from the CPU
-
+    if method not in GRAPH_EXPORTED and arch != "lenet5":
+        return  # same graph as the dense model: one .pt2 round trip per method suffices
     path = save_model(pruned, tmp_path / "p.pt2", example_inputs=(x[:2],), report=result.report)
     reloaded = load_model(path)
     torch.testing.assert_close(reloaded.model(x), out, rtol=1e-5, atol=1e-5)
@@ -91,7 +93,13 @@ def _budgets(cls) -> list[Budget]:
     return [Budget(m, 1.0 - SPARSITY if m == "weights" else 0.5) for m in cls.metrics]
 
 
-LIFECYCLE = [(name, b) for name in list_methods() for b in _budgets(get_method(name))]
+# latency budgets time this machine; tests/test_latency_budget.py checks them on a fake table
+LIFECYCLE = [
+    (name, b)
+    for name in list_methods()
+    for b in _budgets(get_method(name))
+    if b.metric != "latency"
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
