@@ -24,6 +24,7 @@ from compressor.io import save_model
 from compressor.methods import get_method, list_methods, prune
 from exporters.csr import export_csr
 from exporters.onnx import export_onnx
+from tests.conftest import exporter_for
 from tests.models import ConvReluBnPool, GatedStream, ImageNetResNet18, randomize_bn_
 
 MODELS = {"resnet18": ImageNetResNet18, "conv_relu_bn_pool": ConvReluBnPool}
@@ -76,7 +77,7 @@ def test_method_and_exporters_work_or_refuse_cleanly(name, method, config, upsam
         assert re.search(r"'[\w.]+'", str(exc)) and "internal error" not in str(exc), str(exc)
         return
     x = data.sample_inputs(4)
-    onnx = export_onnx(result.model, tmp_path / "m.onnx", (x,))
+    onnx = export_onnx(result.model, tmp_path / "m.onnx", (x,), exporter=exporter_for(method))
     assert onnx.verified and onnx.max_abs_diff <= 1e-4
     pack = export_csr(result.model, tmp_path / "m.csr.safetensors", (x,))
     assert pack.verification.exact_weights and pack.verification.max_output_diff == 0.0

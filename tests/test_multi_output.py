@@ -21,6 +21,7 @@ from compressor.outputs import distill_loss, named_outputs, select_output, task_
 from compressor.surgery import channel_groups, mask_, slim_
 from compressor.train import Distill, evaluate, kd_loss, task_loss, train_dense
 from tests import models as toys
+from tests.conftest import exporter_for
 
 SPARSITY = 0.9
 KINDS = ("tuple", "dict")
@@ -197,7 +198,8 @@ def test_every_method_and_exporter_on_multi_output(
     path = save_model(pruned, tmp_path / "p.pt2", example_inputs=(x[:2],), report=result.report)
     runner = CliRunner()
     onnx_path, csr_path = tmp_path / "p.onnx", tmp_path / "p.csr"
-    done = runner.invoke(cli, ["export", str(path), "--format", "onnx", "-o", str(onnx_path)])
+    args = ["export", str(path), "--format", "onnx", "-o", str(onnx_path)]
+    done = runner.invoke(cli, [*args, "--exporter", exporter_for(method)])
     assert done.exit_code == 0, done.output
     assert "max abs difference" in done.output
     names = [o.name for o in onnx.load(onnx_path).graph.output]
