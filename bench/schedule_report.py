@@ -124,6 +124,9 @@ def plot(cells: dict, schedules: dict, sparsities, path: Path = PLOT) -> bool:
                     xs, ys = zip(*points)
                     ax.plot(xs, ys, style, label=f"{model} {label}")
         ax.set_xscale("log")
+        totals = sorted({s.total for s in schedules.values()})
+        ax.set_xticks(totals, [str(t) for t in totals], minor=False)
+        ax.set_xticks([], minor=True)  # the log axis's minor labels overlap the ticks
         ax.set_title(f"{sparsity:.0%} sparsity")
         ax.set_xlabel("training epochs (pruning + fine-tuning)")
         ax.grid(alpha=0.3)
