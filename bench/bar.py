@@ -37,10 +37,12 @@ from bench.common import OUT, dense_baseline, machine, markdown_table, write_jso
 from compressor import zoo
 from compressor.budget import Budget
 from compressor.distill import train_loader
-from compressor.finetune import finetune_
 from compressor.methods import prune
+from compressor.methods.bar import BarConfig
+from compressor.methods.bar.slim import slimmed_finetune_phase
+from compressor.methods.phases import train
 from compressor.stats import measure
-from compressor.train import Distill, evaluate, recalibrate_batchnorm_
+from compressor.train import Distill, evaluate
 
 ARCH, WIDTH, SPEC = "resnet20", 1.0, "fashion-mnist"
 LIMIT = 5000  # training images (a random subset); the test set is the full 10k
@@ -114,19 +116,11 @@ def torch_pruning(dense, data, budget: Budget):
     start = time.perf_counter()
     model = tp_prune(dense, shape, high)
     loader = train_loader(data, BATCH)
-    recalibrate_batchnorm_(model, loader, max_batches=100)
     teacher = copy.deepcopy(dense).eval()
-    finetune_(
-        model,
-        loader,
-        epochs=BAR_EPOCHS + FT_EPOCHS,
-        lr=0.01,
-        momentum=0.9,
-        weight_decay=5e-4,
-        lowlr_fraction=0.2,
-        lowlr_factor=0.1,
-        distill=Distill(teacher),
-    )
+    # BAR's own phases 2-3 recipe: BN re-estimated (100 batches), lr 0.01, momentum 0.9,
+    # wd 5e-4, the last 20 % at lr / 10
+    cfg = BarConfig(finetune_epochs=BAR_EPOCHS + FT_EPOCHS)
+    train(slimmed_finetune_phase(model, loader, cfg, Distill(teacher)))
     stats = measure(model, example)
     report = {
         "achieved": {"keep": stats.volume / dense_volume, "pruning_ratio": high},

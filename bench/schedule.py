@@ -39,10 +39,10 @@ from torch.utils.data import DataLoader
 from bench.common import OUT
 from compressor.budget import Budget
 from compressor.errors import CompressorError
-from compressor.finetune import finetune_masked_
 from compressor.masks import apply_masks_, prunable_layers, strip_, weight_of
 from compressor.methods import prune
 from compressor.methods.gmp import GmpConfig
+from compressor.methods.phases import masked_finetune_phase, train
 from compressor.train import evaluate, fit, sgd_cosine, train_dense
 
 RESULTS_JSON = Path(__file__).with_name("schedule_results.json")
@@ -229,7 +229,7 @@ def run_magnitude_ft(setup, data, budget, schedule, seed, ckpt) -> nn.Module:
             total_steps=train_epochs * len(data.train),
         )
         fit(model, data.train, epochs=train_epochs, optimizer=optimizer, scheduler=scheduler)
-    finetune_masked_(model, data.train, cfg, None)
+    train(masked_finetune_phase(model, data.train, cfg, None))
     return strip_(model).eval()
 
 

@@ -8,9 +8,9 @@ from compressor import zoo
 from compressor.budget import Budget
 from compressor.errors import InputError, first_line
 from compressor.examples import example_inputs_of
-from compressor.finetune import finetune_, step_lambda
 from compressor.masks import has_machinery, model_names
 from compressor.methods import get_method
+from compressor.methods.phases import finetune_phase, step_lambda, train
 from compressor.train import cosine_lambda, sgd_cosine
 
 
@@ -71,10 +71,11 @@ def test_finetune_with_no_epochs_changes_nothing(small_digits):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    finetune_(model, small_digits.train, epochs=0, optimizer=optimizer)
+    train(finetune_phase(model, small_digits.train, epochs=0, optimizer=optimizer))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    finetune_(
-        model, small_digits.train, epochs=1, optimizer=optimizer, lr_factor=step_lambda(0, 0.5)
+    halved = step_lambda(0, 0.5)
+    train(
+        finetune_phase(model, small_digits.train, epochs=1, optimizer=optimizer, lr_factor=halved)
     )
     assert optimizer.param_groups[0]["lr"] == 0.5
     assert not torch.equal(model[1].weight, before["1.weight"])

@@ -12,10 +12,10 @@ from cli.main import cli
 from compressor.budget import Budget
 from compressor.distill import train_loader
 from compressor.errors import InputError
-from compressor.finetune import finetune_masked_
 from compressor.masks import apply_masks_, prunable_layers, strip_
 from compressor.methods import prune
 from compressor.methods.base import clone_model
+from compressor.methods.phases import masked_finetune_phase, train
 from compressor.methods.probmask import ProbMask
 from compressor.methods.probmask.warm import magnitude_scores
 from compressor.train import evaluate
@@ -81,7 +81,7 @@ def _magnitude_plus_finetune(model, digits, sparsity: float, seed: int) -> float
     apply_masks_(layers, {f: m.weight.detach() != 0 for f, m in layers.items()})
     cfg = ProbMask.Config(finetune_epochs=1)
     loader = train_loader(digits, cfg.batch_size)
-    finetune_masked_(pruned, loader, cfg, None)
+    train(masked_finetune_phase(pruned, loader, cfg, None))
     return evaluate(strip_(pruned).eval(), digits.test)
 
 

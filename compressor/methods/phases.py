@@ -201,6 +201,11 @@ def task_loss_of(
     return loss
 
 
+def step_lambda(drop_step: int, factor: float) -> Callable[[int], float]:
+    """An lr multiplier: 1 until `drop_step` steps, then `factor` (LambdaLR)."""
+    return lambda step: 1.0 if step < drop_step else factor
+
+
 def finetune_phase(
     model: nn.Module,
     loader: DataLoader,

@@ -10,9 +10,8 @@ from torch.utils.data import DataLoader
 
 from compressor.errors import InputError
 from compressor.examples import example_inputs_of
-from compressor.finetune import step_lambda
 from compressor.methods.bar.gates import GateUnit
-from compressor.methods.phases import Phase, finetune_phase
+from compressor.methods.phases import Phase, finetune_phase, step_lambda
 from compressor.stats import measure
 from compressor.surgery import SlimResult, slim_
 from compressor.surgery.cost import CostModel

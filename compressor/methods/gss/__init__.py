@@ -36,7 +36,6 @@ import torch
 
 from compressor.errors import CompressorError, CompressorWarning
 from compressor.examples import example_inputs_of
-from compressor.finetune import step_lambda
 from compressor.masks import apply_masks_, prunable_layers, strip_, weight_of
 from compressor.methods.base import (
     Method,
@@ -47,7 +46,7 @@ from compressor.methods.base import (
 from compressor.methods.gss import prune as gss_prune
 from compressor.methods.gss import reg as gss_reg
 from compressor.methods.gss.checks import check_config
-from compressor.methods.phases import Phase, device_of, finetune_phase, task_loss_of
+from compressor.methods.phases import Phase, device_of, finetune_phase, step_lambda, task_loss_of
 from compressor.methods.targets import TARGET_TOLERANCE
 from compressor.stats import measure
 from compressor.surgery import channel_groups, slim_
