@@ -42,7 +42,7 @@ def _model(name: str) -> torch.nn.Module:
 def upsampled(tmp_path_factory, small_digits):
     """Per model: 64 digits upsampled to its input size, as a .pt data file and its Data."""
     folder = tmp_path_factory.mktemp("models-contract")
-    x, y = map(torch.cat, zip(*small_digits.train, strict=True))
+    x, y = small_digits.train.dataset.tensors  # not the shuffled loader: its order moves
     made = {}
     for name, cls in MODELS.items():
         path = folder / f"{name}-data.pt"
@@ -100,7 +100,7 @@ def test_cli_bar_prunes_and_exports(upsampled, tmp_path):
 
 
 def test_cli_reports_a_stream_tied_by_the_fallback(small_digits, tmp_path):
-    x, y = map(torch.cat, zip(*small_digits.train, strict=True))
+    x, y = small_digits.train.dataset.tensors  # not the shuffled loader: its order moves
     data = tmp_path / "rgb.pt"
     torch.save({"x": x[:64].expand(-1, 3, -1, -1).clone(), "y": y[:64] % 5}, data)  # 5 classes
     torch.manual_seed(0)
