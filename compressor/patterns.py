@@ -24,8 +24,9 @@ import torch
 
 from compressor.errors import InputError
 
-# Past 32 an N:M group or an R*C block buys no runtime we know a kernel for.
+# Past 32 an N:M group buys no runtime we know a kernel for.
 MAX_GROUP = 32
+# The most elements in an RxC block; also the CSR pack's block limit (exporters.csr_format).
 MAX_BLOCK_ELEMENTS = 256
 
 

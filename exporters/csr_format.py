@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from compressor.patterns import MAX_BLOCK_ELEMENTS
 from exporters import csr_nm
 from exporters.csr_header import (  # noqa: F401 (re-exported: one module for callers)
     DTYPES,
@@ -52,9 +53,9 @@ INDEX_DTYPES = ("U8", "U16", "I32")
 ROW_PTR_DTYPES = ("I32", "I64")
 # How many block columns each index dtype can address (indices 0 .. capacity-1).
 INDEX_CAPACITY = {"U8": 2**8, "U16": 2**16, "I32": 2**31}
-# Version 2: a block holds at most this many elements (R*C), e.g. 16x16 or 1x256. Larger
-# blocks buy nothing on any runtime we know, and padding to them can inflate a rebuild.
-MAX_BLOCK_ELEMENTS = 256
+# Version 2: a block holds at most MAX_BLOCK_ELEMENTS (R*C, 256: e.g. 16x16 or 1x256).
+# Larger blocks buy nothing on any runtime we know, and padding to them can inflate a
+# rebuild. One number with `--pattern`'s block limit, so every pattern a method prunes to packs.
 
 
 def index_dtype(count: int) -> str:
