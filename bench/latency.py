@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.latency --quick        # smoke run: ResNet-20, 2x, batch 32
     .venv/bin/python -m bench.latency                # the benchmark (hours; a quiet machine)
+    .venv/bin/python -m bench.latency --reduced      # ResNet-20 at 2x and 4x, batch 1 (~1 h)
     .venv/bin/python -m bench.latency --report-only  # tables and plots from the checkpoint
     .venv/bin/python -m bench.latency --archs resnet56 --methods BAR-mixed,Torch-Pruning
 
@@ -81,6 +82,21 @@ QUICK = Setup(
     epochs=2,
     probe_rounds=3,
     rounds=5,
+    probe_steps=4,
+    final_steps=1,
+)
+# What two shared cores finish in a session: ResNet-20 only, the goals' 2x and 4x at batch 1
+# (batch 32 is still timed on every row), 5k training images, 3 epochs per method.
+REDUCED = Setup(
+    archs=("resnet20",),
+    targets=(2.0, 4.0),
+    batches=(1,),
+    flop_factors=(4.0,),
+    limit=5000,
+    probe_limit=1000,
+    dense_epochs=8,
+    epochs=3,
+    rounds=9,
     probe_steps=4,
     final_steps=1,
 )
@@ -295,17 +311,20 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (ResNet-20, 2x, b32)")
+    parser.add_argument("--reduced", action="store_true", help="ResNet-20, 2x/4x, b1 (REDUCED)")
     parser.add_argument("--report-only", action="store_true", help="tables from the checkpoint")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(lm.METHODS)}")
     parser.add_argument("--archs", help=f"comma-separated subset of {','.join(Setup.archs)}")
     args = parser.parse_args()
     torch.set_num_threads(1)  # a shared machine: more threads only contend
     try:
-        setup = narrowed(QUICK if args.quick else Setup(), archs=args.archs, methods=args.methods)
+        base = QUICK if args.quick else REDUCED if args.reduced else Setup()
+        setup = narrowed(base, archs=args.archs, methods=args.methods)
     except InputError as exc:
         parser.error(str(exc))  # exit 2: bad usage
     try:
-        store = CellStore(OUT / f"latency{'-quick' * args.quick}.json", settings_of(setup))
+        suffix = "-quick" if args.quick else "-reduced" if args.reduced else ""
+        store = CellStore(OUT / f"latency{suffix}.json", settings_of(setup))
         if args.report_only and not store.cells:
             raise CompressorError(
                 f"{store.path} holds no finished cells; run without --report-only"
@@ -313,7 +332,8 @@ def main() -> None:
         rows = list(store.cells.values()) if args.report_only else run(setup, store)
     except CompressorError as exc:  # Torch-Pruning missing, a checkpoint of other settings
         raise SystemExit(f"Error: {exc}") from None
-    latency_report.write(rows, setup, quick=args.quick, machine=machine())
+    flag = " --quick" if args.quick else " --reduced" if args.reduced else ""
+    latency_report.write(rows, setup, quick=args.quick, machine=machine(), flag=flag)
 
 
 if __name__ == "__main__":

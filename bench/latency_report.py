@@ -16,13 +16,13 @@ ALIGN += ["% of FLOP cut b1", "% of FLOP cut b32"]
 BAR = ("BAR-mixed", "BAR-tied")
 
 
-def write(rows: list[dict], setup, *, quick: bool, machine: str) -> None:
+def write(rows: list[dict], setup, *, quick: bool, machine: str, flag: str = "") -> None:
     """Prints the tables; writes the JSON, the plots and the RESULTS.md section."""
     main = [r for r in rows if r.get("kind") == "main"]
     dense = {r["model"]: r for r in rows if r.get("kind") == "dense"}
     aligned = [r for r in rows if r.get("kind") == "align"]
     name = "latency_smoke" if quick else "latency"
-    command = ".venv/bin/python -m bench.latency" + (" --quick" if quick else "")
+    command = ".venv/bin/python -m bench.latency" + (flag or " --quick" * quick)
     table = [budget_column(r) for r in [*dense.values(), *main]]
     print(markdown_table(table, MAIN), "", markdown_table(aligned, ALIGN), sep="\n")
     write_json(f"{name}-rows", {"machine": machine, "command": command, "rows": rows})
@@ -80,6 +80,9 @@ def bench_head(setup, command: str, machine: str) -> list[str]:
         "## Structured pruning at measured speed-up targets (Fashion-MNIST, onnxruntime)",
         "",
         f"`{command}` on {machine}, onnxruntime {ort.__version__}, 1 intra-op thread.",
+        f"Models: {', '.join(setup.archs)}; targets {'/'.join(f'{t:g}x' for t in setup.targets)}",
+        f"at batch {'/'.join(map(str, setup.batches))}; {setup.probe_steps} probes and",
+        f"{setup.final_steps} full run(s) per row at most, {setup.rounds} timed rounds per row.",
         f"Dense models: {setup.dense_epochs} epochs on {setup.limit} training images; every",
         f"method trains {setup.epochs} epochs after pruning starts; top-1 on the full 10k test",
         "set. *batch*: the batch size the target is measured at. *path*: FLOP search (the",
