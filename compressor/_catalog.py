@@ -255,7 +255,8 @@ CATALOG_JSON = r"""
         "batch_size=64",
         "from_scratch=False",
         "warm_sharpness=8.0",
-        "warm_score_lr=0.05"
+        "warm_score_lr=0.05",
+        "warm_score_steps=200"
       ]
     },
     "sparsegpt": {

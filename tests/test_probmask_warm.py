@@ -95,9 +95,24 @@ def test_one_plus_one_epochs_is_not_below_magnitude_plus_finetune(lenet5_digits,
     assert result.report["achieved"]["zeros"] == n - round(0.1 * n)
 
 
+def test_warm_score_lr_falls_with_the_run_length(lenet5_digits, digits):
+    short = prune(lenet5_digits, "probmask", 0.9, digits, epochs=1, finetune_epochs=0)
+    steps = len(train_loader(digits, 64))
+    assert steps <= 200  # digits' one epoch: the lr as configured
+    assert short.report["probmask"]["score_lr"] == pytest.approx(0.05)
+    long = ProbMask(clone_model(lenet5_digits), Budget("weights", 0.1), warm_score_steps=10)
+    long.score_steps = 40
+    assert long.score_lr() == pytest.approx(0.05 * 10 / 40)
+    scratch = ProbMask(clone_model(lenet5_digits), Budget("weights", 0.1), from_scratch=True)
+    scratch.score_steps = 40
+    assert scratch.score_lr() == pytest.approx(6e-3)  # the paper's, never scaled
+
+
 def test_bad_sharpness_is_refused(lenet5_digits):
     with pytest.raises(InputError, match="warm_sharpness -1.0"):
         ProbMask(lenet5_digits, Budget("weights", 0.1), warm_sharpness=-1.0)
+    with pytest.raises(InputError, match="warm_score_steps 0 must be at least 1"):
+        ProbMask(lenet5_digits, Budget("weights", 0.1), warm_score_steps=0)
 
 
 def test_cli_from_scratch_flag(tmp_path, lenet5_pt2):

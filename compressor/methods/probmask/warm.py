@@ -85,7 +85,7 @@ def check_sharpness(sharpness: float) -> None:
     """Refuses a sharpness that is not a positive finite number (InputError)."""
     if not (math.isfinite(sharpness) and sharpness > 0):
         raise InputError(
-            f"warm_sharpness {sharpness} must be a positive number; e.g. 4 (the default)"
+            f"warm_sharpness {sharpness} must be a positive number; e.g. 8 (the default)"
         )
 
 
