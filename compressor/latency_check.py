@@ -5,7 +5,7 @@ what lies between the layers. `prune(..., measure_latency=measure)` then times t
 and the slimmed model as exported graphs (`measure` comes from the caller: compressor does
 not import exporters; the CLI passes `exporters.latency.graph_measurer`). When the measured
 speed-up at batch 1 misses the request by more than TOLERANCE, the method runs again with
-the table's target scaled by measured / requested (the table's error, assumed constant), at
+a corrected table target (`corrected`: a secant step of measured against table keep), at
 most MAX_REFITS times, and then fails naming measured against requested.
 """
 
@@ -37,9 +37,24 @@ def within(measured: float, requested: float) -> bool:
     return abs(measured / requested - 1.0) <= TOLERANCE
 
 
-def corrected(table_budget: Budget, measured: float, requested: Budget) -> Budget:
-    """The table's next target: its keep scaled by measured / requested speed-up."""
-    keep = min(1.0, table_budget.keep * measured / requested.factor)
+def corrected(table_budget: Budget, rounds: list[dict], requested: Budget) -> Budget:
+    """The table's next target, from how the measured graph answered the tries so far.
+
+    The measured keep (slimmed / dense ms) is taken as linear in the table's keep between
+    the last two points, with the dense model (1, 1) as the point before the first try: a
+    secant step, exact when the graph adds a fixed cost (joins, activations, per-node
+    overhead) to what the table sees, which scaling the keep by measured / requested never
+    settles on. Where the two points do not say "less table, less time" (noise, or a
+    flat stretch), the keep is scaled by measured / requested instead.
+    """
+    points = [(1.0, 1.0)] + [(1.0 / r["predicted"], 1.0 / r["measured"]) for r in rounds]
+    (p0, m0), (p1, m1) = points[-2], points[-1]
+    goal = 1.0 / requested.factor
+    if abs(p1 - p0) > 0.01 and (m1 - m0) / (p1 - p0) > 0:
+        keep = p1 + (goal - m1) * (p1 - p0) / (m1 - m0)
+        if 0.0 < keep:
+            return Budget("latency", min(1.0, keep))
+    keep = min(1.0, table_budget.keep * rounds[-1]["measured"] / requested.factor)
     return Budget("latency", keep)
 
 
@@ -82,7 +97,7 @@ def measured_fit(attempt: Callable[[Budget], tuple], budget: Budget, dense: nn.M
         if within(measured, budget.factor):
             return found
         if refit < MAX_REFITS:
-            table_budget = corrected(table_budget, measured, budget)
+            table_budget = corrected(table_budget, rounds, budget)
     raise TargetNotReachedError(_miss(report["method"], budget, rounds, timed))
 
 

@@ -200,3 +200,24 @@ def test_run_overhead_counted_once(tmp_path):
     latency = LatencyModel(costs, model, (_x(),), table)
     assert latency.dense() == pytest.approx(0.5 + plain.dense(), rel=1e-12)
     assert table.entries["overhead"] == 0.5  # cached with the layers
+
+
+def test_refit_steps_past_a_fixed_graph_cost():
+    """A graph whose ms are 40 % fixed (joins, activations) and 60 % table: one secant step
+    lands 2x from the first try's 1.43x, where scaling the keep by measured / requested crept
+    towards it (1.63x, 1.74x, 1.81x: still outside after 3 re-fits)."""
+    from types import SimpleNamespace
+
+    from compressor import latency_check
+
+    def attempt(table_budget):
+        report = {"method": "fake", "achieved": {"keep": table_budget.keep}}
+        return SimpleNamespace(report=report, model=table_budget.keep), None
+
+    def measure(dense, keep):
+        return {"dense": {"1": 1.0}, "pruned": {"1": 0.4 + 0.6 * keep}}
+
+    result, _ = latency_check.measured_fit(attempt, Budget("latency", 0.5), 1.0, measure)
+    rounds = result.report["latency"]["rounds"]
+    assert [r["table_keep"] for r in rounds] == pytest.approx([0.5, 1 / 6])
+    assert rounds[-1]["measured"] == pytest.approx(2.0)
