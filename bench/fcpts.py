@@ -12,6 +12,7 @@ full 10k test set.
     .venv/bin/python -m bench.fcpts                 # the full table (official 1600 steps)
     .venv/bin/python -m bench.fcpts --models lenet5 --sparsities 0.9 --no-write
     .venv/bin/python -m bench.fcpts --quick         # a minute on digits: every row runs
+    .venv/bin/python -m bench.fcpts --sparsities 0.9,0.95 --section fcpts-90-95  # a subset
 """
 
 from __future__ import annotations
@@ -335,6 +336,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     parser.add_argument(
+        "--section", default="fcpts", help="RESULTS.md section (a subset run: its own name)"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="digits, 90/95 %%, few steps; implies --no-write"
     )
     args = parser.parse_args()
@@ -356,6 +360,10 @@ def main() -> None:
     if "fcpts" in methods and 0.9 in sparsities and not quick:
         plot_allocation(results, 0.9)
     command = "python -m bench.fcpts" + (f" --steps {args.steps}" if args.steps else "")
+    command += f" --models {args.models}" if args.models else ""
+    command += f" --sparsities {args.sparsities}" if args.sparsities else ""
+    command += f" --methods {args.methods}" if args.methods != ",".join(METHODS) else ""
+    command += f" --section {args.section}" if args.section != "fcpts" else ""
     command += f" --threads {args.threads}" if args.threads else ""
     text = markdown(
         results,
@@ -367,9 +375,9 @@ def main() -> None:
         seconds,
     )
     print(text)
-    write_json("fcpts-quick" if quick else "fcpts", results)
+    write_json("fcpts-quick" if quick else args.section, results)
     if not args.no_write and not quick:
-        write_section("fcpts", text)
+        write_section(args.section, text)
 
 
 if __name__ == "__main__":
