@@ -12,8 +12,10 @@ and per batch size the target is measured at (1, 32), one row per method: BAR-mi
 BAR-tied, channel-magnitude, structured GSS, and Torch-Pruning 1.6.1 (MagnitudePruner, L2,
 round_to 8). Every method trains the same epochs after pruning starts.
 
-Each row reaches its target by itself. With a `latency` budget metric in the toolkit
-(branch cost-engine) our methods take the target directly; without one the harness searches
+Each row reaches its target by itself. Methods with the toolkit's `latency` budget metric
+take the target directly, with the measured check and re-fits `compress prune` runs
+(`prune(..., measure_latency=graph_measurer(...))`); when that check fails, the row records
+its error (`latency_error`) and falls back to the search. Otherwise the harness searches
 the FLOP budget (`latency_search.search_factor`): probes prune on a short schedule, export to
 ONNX and time against the dense model (onnxruntime, 1 thread, alternating rounds, medians)
 until the speed-up is within `probe_tolerance`; then the full schedule runs at that budget and
@@ -41,6 +43,7 @@ from compressor.data import load_data
 from compressor.errors import CompressorError, InputError, first_line
 from compressor.stats import measure
 from compressor.train import evaluate
+from exporters.latency import graph_measurer
 
 SPEC = "fashion-mnist"
 
@@ -164,13 +167,19 @@ def main_cell(ctx: Context, name: str, target: float, batch: int, align: int | N
     row = {"model": ctx.arch, "target": f"{target:g}x", "batch": batch, "method": name}
     row["round_to"] = "n/a" if align is None else align
     align = align or 1
+    found = None
     if name != lm.TP and lm.takes_latency(method):
-        model, info = lm.build_latency_model(
-            name, ctx.dense, ctx.data, target, align=align, epochs=setup.epochs
-        )
-        result = measured(ctx, model, setup.batches_timed, setup.rounds)
-        found = {"path": "latency metric", "probes": 0, "runs": 1}
-    else:
+        try:
+            model, info = lm.build_latency_model(
+                name, ctx.dense, ctx.data, target, align=align, epochs=setup.epochs,
+                measure=graph_measurer(ctx.example, threads=1, batches=(batch,)),
+            )  # fmt: skip
+            result = measured(ctx, model, setup.batches_timed, setup.rounds)
+            found = {"path": "latency metric", "probes": 0, "runs": 1 + info["refits"]}
+        except CompressorError as exc:  # the toolkit's own check missed: say so, then search
+            print(f"  {name} latency metric failed: {first_line(exc)}", flush=True)
+            row["latency_error"] = first_line(exc)
+    if found is None:
         cheap = search_factor(
             probe_for(ctx, name, batch, align, probe=True),
             target,
@@ -187,7 +196,8 @@ def main_cell(ctx: Context, name: str, target: float, batch: int, align: int | N
         if full.payload is None:
             return row | {"path": "FLOP search", "met": False, "error": "every run failed"}
         model, info, result = full.payload
-        found = {"path": "FLOP search", "probes": len(cheap.probes), "runs": len(full.probes)}
+        path = "latency metric failed; FLOP search" if "latency_error" in row else "FLOP search"
+        found = {"path": path, "probes": len(cheap.probes), "runs": len(full.probes)}
     speedup = result["speedup"][str(batch)]
     row |= found | {"met": abs(speedup / target - 1) <= setup.tolerance}
     return row | describe(ctx, model, result) | info

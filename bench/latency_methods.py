@@ -145,9 +145,16 @@ def build_row_model(
     return model, info
 
 
-def build_latency_model(name, dense, data, target: float, *, align: int, epochs: int):
-    """(model, info) of row `name` pruned straight to a latency budget (branch cost-engine)."""
+def build_latency_model(name, dense, data, target: float, *, align: int, epochs: int, measure=None):
+    """(model, info) of row `name` pruned straight to a latency budget, checked on the
+    exported graph by `measure` (exporters.latency.graph_measurer) as `compress prune` does."""
     options = schedule(name, epochs, probe=False) | ({"round_to": align} if align > 1 else {})
+    method, fixed = OURS[name]
     start = time.perf_counter()
-    model = prune_ours(name, dense, data, Budget("latency", 1.0 / target), options)
-    return model, {"latency_request": target, "train_s": round(time.perf_counter() - start, 1)}
+    result = prune(
+        dense, method, Budget("latency", 1.0 / target), data, measure_latency=measure,
+        **fixed, **options,
+    )  # fmt: skip
+    refits = (result.report.get("latency") or {}).get("refits", 0)
+    info = {"latency_request": target, "refits": refits}
+    return result.model.eval(), info | {"train_s": round(time.perf_counter() - start, 1)}

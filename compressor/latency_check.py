@@ -52,7 +52,7 @@ def corrected(table_budget: Budget, rounds: list[dict], requested: Budget) -> Bu
     goal = 1.0 / requested.factor
     if abs(p1 - p0) > 0.01 and (m1 - m0) / (p1 - p0) > 0:
         keep = p1 + (goal - m1) * (p1 - p0) / (m1 - m0)
-        if 0.0 < keep:
+        if keep > 0.0:
             return Budget("latency", min(1.0, keep))
     keep = min(1.0, table_budget.keep * rounds[-1]["measured"] / requested.factor)
     return Budget("latency", keep)

@@ -12,7 +12,6 @@ are re-estimated on the calibration data at the end.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
