@@ -7,6 +7,7 @@ from compressor.budget import Budget
 from compressor.errors import InputError
 from compressor.masks import prunable_layers
 from compressor.methods import get_method, list_methods, prune
+from compressor.methods.phases import train
 from compressor.patterns import holds, parse_pattern
 from tests.models import PatternNet
 from tests.test_pattern_masks import PATTERNS, assert_pattern, kept_total, sparsity_for
@@ -105,3 +106,24 @@ def test_sparsegpt_nm_layer_choice_leaves_batchnorm_statistics_alone():
     assert torch.equal(model[0][1].running_mean, stats)
     assert model.training  # given back in the mode it came in
     assert holds(model[3].weight, parse_pattern("2:4"))
+
+
+def test_fcpts_nm_reconstructs_under_the_masks_it_keeps(small_digits):
+    """N:M FCPTS picks its groups before reconstruction and keeps them: the weights were
+    trained under the final mask, not pruned to a pattern afterwards."""
+    torch.manual_seed(0)
+    fcpts = get_method("fcpts")
+    method = fcpts(PatternNet().eval(), Budget("weights", 0.5), pattern="2:4", steps=8)
+    original = {f: m.weight.detach().clone() for f, m in method.layers.items()}
+    phases = method.phases(small_digits)
+    reconstruct = next(phases)  # prepare() has run: the masks are fixed
+    fixed = {f: m.parametrizations.weight[0].fixed.clone() for f, m in method.layers.items()}
+    assert all(holds(fixed[f] * original[f], parse_pattern("2:4")) for f in ("conv2", "fc1"))
+    train(reconstruct)
+    for _ in phases:
+        raise AssertionError("FCPTS has one phase")
+    result = method.finalize()
+    layers = prunable_layers(result.model)
+    for fqn, module in layers.items():
+        assert torch.equal(module.weight != 0, fixed[fqn] != 0), fqn
+    assert any(not torch.equal(layers[f].weight, original[f] * fixed[f]) for f in fixed)
