@@ -19,6 +19,18 @@ class TargetNotReachedError(CompressorError):
     """A method could not reach the requested budget; the message says why."""
 
 
+class BelowSmallestNetworkError(TargetNotReachedError):
+    """The budget is below the smallest network the fitter can build.
+
+    `ratio` is that network's cost over the requested one (> 1): a latency re-fit asks for
+    the smallest network itself when the measured graph, not the table, is the judge.
+    """
+
+    def __init__(self, message: str, ratio: float):
+        super().__init__(message)
+        self.ratio = ratio
+
+
 class MachineryLeftError(RuntimeError):
     """A method left hooks, parametrizations or modules behind after `finalize()`.
 

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from compressor.budget import Budget
-from compressor.errors import TargetNotReachedError
+from compressor.errors import BelowSmallestNetworkError, TargetNotReachedError
 
 TOLERANCE = 0.10  # the measured speed-up within 10 % of the request (issue 17)
 MAX_REFITS = 3  # corrected targets tried after the first fit
 CHECKED_BATCH = "1"  # the batch the table models, and a single request's latency
+FLOOR_MARGIN = 1.02  # a target this much above the table's smallest network: buildable
 
 # (dense, slimmed) -> {"dense": {batch: ms}, "pruned": {batch: ms}, ...}: batch "1" at least
 Measure = Callable[[nn.Module, nn.Module], dict]
@@ -77,7 +78,7 @@ def measured_fit(attempt: Callable[[Budget], tuple], budget: Budget, dense: nn.M
     table_budget, rounds, report, timed = budget, [], {}, {}  # the last round's
     for refit in range(MAX_REFITS + 1):
         try:
-            found = attempt(table_budget)
+            found, table_budget = _attempt_or_floor(attempt, table_budget, rounds)
         except TargetNotReachedError as exc:
             if not rounds:
                 raise
@@ -99,6 +100,22 @@ def measured_fit(attempt: Callable[[Budget], tuple], budget: Budget, dense: nn.M
         if refit < MAX_REFITS:
             table_budget = corrected(table_budget, rounds, budget)
     raise TargetNotReachedError(_miss(report["method"], budget, rounds, timed))
+
+
+def _attempt_or_floor(attempt, table_budget: Budget, rounds: list[dict]) -> tuple:
+    """`attempt(table_budget)`, or below the table's smallest network that network itself.
+
+    The table may overprice small layers, so its floor is not the graph's: the smallest
+    network is measured once, and the re-fits go on from what it measured. Asked below
+    it again, the miss stands (the error says the budget is below the smallest network).
+    """
+    try:
+        return attempt(table_budget), table_budget
+    except BelowSmallestNetworkError as exc:
+        floor = Budget("latency", min(1.0, table_budget.keep * exc.ratio * FLOOR_MARGIN))
+        if any(abs(r["table_keep"] - floor.keep) <= 1e-9 for r in rounds):
+            raise
+        return attempt(floor), floor
 
 
 def _summary(budget: Budget, rounds: list[dict], timed: dict) -> dict:
@@ -138,10 +155,14 @@ def without_check(report: dict, budget: Budget) -> None:
 def checked(result, instance, dense: nn.Module, measure: Measure | None, rerun) -> tuple:
     """prune()'s latency step: (result, instance) after the measured check, or noted unchecked.
 
-    `rerun(budget)` runs a fresh instance of the method on a copy of `dense` to `budget`
-    and returns (result, instance); prune() passes it (without checkpoints), so this module
-    needs nothing of methods/. Each re-fit is seeded as prune() seeded the first run.
+    `result` is the first run's Result, or the BelowSmallestNetworkError it raised (the
+    table's floor is then measured: `_attempt_or_floor`). `rerun(budget)` runs a fresh
+    instance of the method on a copy of `dense` to `budget` and returns (result, instance);
+    prune() passes it (without checkpoints), so this module needs nothing of methods/.
+    Each re-fit is seeded as prune() seeded the first run.
     """
+    if isinstance(result, BelowSmallestNetworkError) and measure is None:
+        raise result
     if measure is None:
         without_check(result.report, instance.budget)
         return result, instance
@@ -149,7 +170,10 @@ def checked(result, instance, dense: nn.Module, measure: Measure | None, rerun) 
 
     def attempt(table_budget: Budget) -> tuple:
         if first:
-            return first.pop()
+            found = first.pop()
+            if isinstance(found[0], BelowSmallestNetworkError):
+                raise found[0]
+            return found
         torch.manual_seed(seed)
         return rerun(table_budget)
 

@@ -221,3 +221,64 @@ def test_refit_steps_past_a_fixed_graph_cost():
     rounds = result.report["latency"]["rounds"]
     assert [r["table_keep"] for r in rounds] == pytest.approx([0.5, 1 / 6])
     assert rounds[-1]["measured"] == pytest.approx(2.0)
+
+
+def _floored_attempt(floor: float):
+    """A fake method whose table cannot build a network below `floor` (its keep)."""
+    from types import SimpleNamespace
+
+    from compressor.errors import BelowSmallestNetworkError
+
+    def attempt(table_budget):
+        if table_budget.keep < floor:
+            raise BelowSmallestNetworkError("below the smallest network", floor / table_budget.keep)
+        report = {"method": "fake", "achieved": {"keep": table_budget.keep}}
+        return SimpleNamespace(report=report, model=table_budget.keep), None
+
+    return attempt
+
+
+def _graph(fixed: float, per_keep: float):
+    def measure(dense, keep):
+        return {"dense": {"1": 1.0}, "pruned": {"1": fixed + per_keep * keep}}
+
+    return measure
+
+
+def test_a_target_below_the_tables_floor_measures_the_smallest_network():
+    """The table's floor is not the graph's: asked below it, the smallest network is built
+    and measured, and it meets 2.5x (the table alone would have refused)."""
+    from compressor import latency_check
+
+    attempt, measure = _floored_attempt(0.45), _graph(0.1, 0.6)
+    result, _ = latency_check.measured_fit(attempt, Budget("latency", 0.4), 1.0, measure)
+    rounds = result.report["latency"]["rounds"]
+    assert [r["table_keep"] for r in rounds] == pytest.approx([0.45 * 1.02])
+    assert rounds[0]["measured"] == pytest.approx(1 / (0.1 + 0.6 * 0.459))
+
+
+def test_below_the_floor_twice_is_a_miss_naming_the_smallest_network():
+    from compressor import latency_check
+
+    attempt, measure = _floored_attempt(0.45), _graph(0.2, 0.6)  # the floor measures 2.1x
+    with pytest.raises(TargetNotReachedError) as info:
+        latency_check.measured_fit(attempt, Budget("latency", 0.25), 1.0, measure)
+    message = str(info.value)
+    assert "asked for 4x lower latency but the exported graph measured 2.1x" in message
+    assert "below the smallest network" in message
+
+
+def test_prune_below_the_tables_floor_refits_from_the_measured_floor(fake_table, small_digits):
+    """50x is below the fake table's smallest LeNet-5: prune() measures that network
+    instead of failing, then re-fits up to the request."""
+    result = prune(
+        _model("lenet5"),
+        "channel-magnitude",
+        Budget("latency", 0.02),
+        small_digits,
+        measure_latency=flop_measurer(),
+        **FAST["channel-magnitude"],
+    )
+    rounds = result.report["latency"]["rounds"]
+    assert rounds[0]["table_keep"] > 0.02 and rounds[0]["measured"] > 50 * 1.1  # the floor
+    assert abs(rounds[-1]["measured"] / 50 - 1) <= 0.10

@@ -11,9 +11,9 @@ from compressor.methods.base import (
     Result,
     get_method,
     list_methods,
-    prune,
     register_method,
 )
+from compressor.methods.driver import prune
 
 __all__ = [
     "METHODS",
@@ -31,7 +31,7 @@ __all__ = [
 def _register_builtin() -> None:
     """Imports every module of this package so its @register_method classes register."""
     for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
+        if info.name not in ("base", "driver"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 

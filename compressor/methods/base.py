@@ -1,4 +1,4 @@
-"""The Method lifecycle, the registry, and `prune()`.
+"""The Method lifecycle and the registry (`prune()`, which drives them, is methods/driver.py).
 
     m = get_method("bar")(model, budget, config)   # validates; no side effects yet
     m.prepare()            # installs masks / gates / scores on the model
@@ -15,33 +15,27 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
-from compressor import checkpoint, distill, distributed, latency_check
-from compressor.budget import Budget, parse_budget
-from compressor.errors import CompressorWarning, InputError, TargetNotReachedError
-from compressor.factors import DenseBaseline
-from compressor.guard import check_no_collapse, empty_layers
+from compressor import distill
+from compressor.budget import Budget
+from compressor.errors import (
+    InputError,
+)
 from compressor.masks import (
     apply_masks_,
-    check_no_machinery,
     layer_floors,
-    model_names,
     prunable_layers,
     strip_,
     weight_of,
 )
-from compressor.methods.phases import Phase, device_of, drive
-from compressor.methods.targets import check_target, with_pins
-from compressor.outputs import check_task_output, task_output
+from compressor.methods.phases import Phase, drive
 from compressor.pattern_masks import method_pattern, pattern_report
 from compressor.stats import sparsity_of
 
@@ -205,7 +199,7 @@ class Method:
         zeros, total = sparsity_of(self.model, self.config.exclude)
         return {
             "method": self.name,
-            "config": _jsonable(dataclasses.asdict(self.config)),
+            "config": jsonable(dataclasses.asdict(self.config)),
             "budget": self.budget.to_dict(),
             "requested": {"sparsity": self.budget.sparsity}
             if self.budget.metric == "weights"
@@ -249,11 +243,11 @@ def _with_overrides(config: MethodConfig, overrides: dict, name: str) -> MethodC
     return dataclasses.replace(config, **overrides)
 
 
-def _jsonable(value):
+def jsonable(value):
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
@@ -263,133 +257,3 @@ def clone_model(model: nn.Module) -> nn.Module:
         # deep-copying a lifted .pt2 model trips torch's own pytree deprecation warning
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
         return copy.deepcopy(model)
-
-
-def prune(
-    model: nn.Module,
-    method: str,
-    budget: Budget | str | float,
-    data: Data | None = None,
-    *,
-    seed: int = 0,
-    copy_model: bool = True,
-    checkpoint_path: str | Path | None = None,
-    resume: str | Path | None = None,
-    check_ranks: bool = False,
-    measure_latency: latency_check.Measure | None = None,
-    **config,
-) -> Result:
-    """Compresses `model` with `method` to `budget` and returns the Result.
-
-    Args:
-        model: a trained model; copied first unless `copy_model=False`.
-        method: a registered method name (see `list_methods()`).
-        budget: a Budget, or a string/float parsed as `--budget` (e.g. "4x", 0.9 sparsity).
-        data: what the method trains or calibrates on (see `Data`), when it needs any.
-        seed: seeds torch's RNG so a run is reproducible.
-        checkpoint_path: write a checkpoint there at every epoch boundary of training.
-        resume: a checkpoint of the same run to continue from (also the default
-            `checkpoint_path`); the result is bit-identical to an uninterrupted run.
-        check_ranks: in a data-parallel run, compare a digest of model and method state
-            across ranks after every epoch (always done once at the end).
-        measure_latency: times (dense, slimmed) under a latency budget (see latency_check).
-        **config: fields of the method's config dataclass.
-
-    Raises:
-        InputError: bad method, budget, option or missing data.
-        TargetNotReachedError: the budget was not met (the report says why).
-        CompressorError: the ranks of a data-parallel run diverged.
-    """
-    cls = get_method(method)
-    if not isinstance(budget, Budget):
-        budget = parse_budget(budget, metric=cls.default_metric(config))
-    if cls.needs != "nothing" and data is None:
-        raise InputError(f"method {method!r} needs data ({cls.needs}); pass --data SPEC")
-    baseline = DenseBaseline(model, data)  # before any in-place change (copy_model=False)
-    torch.manual_seed(seed)
-    copy_model = copy_model or budget.metric == "latency"  # a re-fit starts from the dense one
-    instance = cls(clone_model(model) if copy_model else model, budget, **config)
-    _check_output(instance, data)
-    empty_before = tuple(empty_layers(model, instance.config.exclude))
-    before = model_names(instance.model)  # for the postcondition: finalize() leaves none
-    session = _session(instance, model, data, seed, checkpoint_path, resume)
-    start = time.perf_counter()
-    result, ranks = _run_session(instance, model, data, session, check_ranks)
-    if budget.metric == "latency":  # fitted on the layer table; checked on the real graph
-        rerun = _fresh_run(instance, model, data)
-        result, instance = latency_check.checked(result, instance, model, measure_latency, rerun)
-    result.report["seconds"] = time.perf_counter() - start
-    result.report["seed"] = seed
-    result.report["factors"] = baseline.factors(result.model)
-    if ranks is not None:
-        result.report["distributed"] = ranks
-    _check_result(result, model, instance, before, empty_before)
-    return result
-
-
-def _session(instance: Method, model: nn.Module, data, seed: int, path, resume) -> dict:
-    """Where a run checkpoints, what it resumes, and the fingerprint both must match."""
-    session = {"path": path, "resume": resume, "fingerprint": None}
-    if path is not None or resume is not None:  # hashing the model costs a pass
-        config = _jsonable(dataclasses.asdict(instance.config))
-        session["fingerprint"] = checkpoint.fingerprint(
-            instance.name, config, instance.budget, seed, model, data
-        )
-    return session
-
-
-def _check_output(instance: Method, data: Data | None) -> None:
-    """A wrong --task-output fails before any work (methods that read data only)."""
-    if data is not None and instance.needs != "nothing":
-        classes = data.num_classes if instance.needs == "labels" else None
-        example = data.sample_inputs(2).to(device_of(instance.model))
-        check_task_output(instance.model, example, instance.config.output, classes)
-
-
-def _fresh_run(instance: Method, model: nn.Module, data: Data | None):
-    """A latency re-fit: `instance`'s method and config run afresh on a copy of `model`."""
-
-    def rerun(budget: Budget) -> tuple[Result, Method]:
-        fresh = type(instance)(clone_model(model), budget, instance.config)
-        idle = {"path": None, "resume": None, "fingerprint": None}  # no checkpoints
-        return _run_session(fresh, model, data, idle, False)[0], fresh
-
-    return rerun
-
-
-def _check_result(result: Result, model: nn.Module, instance: Method, before, empty_before):
-    """prune()'s postconditions: no machinery left, the budget met, no layer emptied."""
-    check_no_machinery(result.model, before, instance.name)
-    try:
-        check_target(result.report, instance.budget)
-    except TargetNotReachedError as exc:
-        raise with_pins(exc, model, instance) from exc
-    if not instance.config.allow_layer_collapse:
-        check_no_collapse(result.model, instance.config.exclude, instance.name, empty_before)
-
-
-def _run_session(
-    instance: Method, model: nn.Module, data: Data | None, session: dict, check_ranks: bool
-) -> tuple[Result, dict | None]:
-    """`instance.run(data)` in a checkpoint session: the Result (labels added), the rank report."""
-    with checkpoint.session(**session, method=instance, check_ranks=check_ranks) as run:
-        with task_output(instance.config.output):
-            try:
-                result = instance.run(data)
-            except TargetNotReachedError as exc:
-                raise with_pins(exc, model, instance) from exc
-        digests = run.check("the final model", result.model) if distributed.active() else None
-    if (session["path"] is not None or session["resume"] is not None) and not run.phases:
-        warnings.warn(
-            f"method {instance.name!r} does not train in epochs, so nothing was checkpointed",
-            CompressorWarning,
-            stacklevel=3,
-        )
-    result.report |= instance.labels or {}
-    if digests is None:
-        return result, None
-    return result, {
-        "processes": distributed.world_size(),
-        "rank_digests": digests,  # of the final model and method state, all equal
-        "rank_checks": run.checks,
-    }

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from compressor.budget import Budget
-from compressor.errors import TargetNotReachedError
+from compressor.errors import BelowSmallestNetworkError, TargetNotReachedError
 from compressor.pattern_masks import pattern_hint
 from compressor.surgery.pins import describe_pins
 
@@ -52,4 +52,8 @@ def with_pins(exc: TargetNotReachedError, model: nn.Module, method: Method) -> E
         pins = describe_pins(model, example)
     except Exception:  # an explanation must never replace the error it explains
         return exc
-    return TargetNotReachedError(f"{exc}; {pins}") if pins else exc
+    if not pins:
+        return exc
+    if isinstance(exc, BelowSmallestNetworkError):  # a latency re-fit reads its ratio
+        return BelowSmallestNetworkError(f"{exc}; {pins}", exc.ratio)
+    return TargetNotReachedError(f"{exc}; {pins}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.errors import InputError, TargetNotReachedError
+from compressor.errors import BelowSmallestNetworkError, InputError
 
 MAX_TRIALS = 400  # single-step trials after a bisection
 MAX_TRADES = 32  # units tried a step up in the trade phase
@@ -120,7 +120,7 @@ def fit_budget(
         round_to: Kept counts are multiples of this, or a unit's full size.
 
     Raises:
-        TargetNotReachedError: Even the smallest network (each unit at its floor) costs
+        BelowSmallestNetworkError: Even the smallest network (each unit at its floor) costs
             more than `target`.
     """
     search = _Search(units, cost, check_round_to(round_to) or 1)
@@ -200,13 +200,15 @@ class _Search:
     def remove(self, levels, target, low, frozen: int | None = None, trials=MAX_TRIALS):
         """Levels after the shortest removal prefix that fits (see the module docstring)."""
         steps = self.removal_steps(levels, frozen)
-        if self.cost(self.moved(levels, steps, -1)) > target:
+        smallest = self.cost(self.moved(levels, steps, -1))
+        if smallest > target:
             if frozen is not None:
                 return None
-            raise TargetNotReachedError(
+            raise BelowSmallestNetworkError(
                 f"the budget ({target:.6g}) is below the smallest network that can be built "
                 f"(every layer keeps {'one channel' if self.round_to == 1 else 'its fewest aligned channels'}); "
-                "ask for a smaller reduction or exclude fewer layers"
+                "ask for a smaller reduction or exclude fewer layers",
+                smallest / target,
             )
         lo, hi = 0, len(steps)
         while lo < hi:

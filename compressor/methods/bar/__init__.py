@@ -74,8 +74,8 @@ from compressor.methods.base import (
     Method,
     MethodConfig,
     Result,
-    _jsonable,
     clone_model,
+    jsonable,
     register_method,
 )
 from compressor.methods.phases import Phase, device_of, task_loss_of
@@ -274,7 +274,7 @@ class Bar(Method):
         keep = keep_dict(self.gates.units, [m.cpu() for m in self.masks])
         tied = self.costs.predict(keep, "tied")  # priced before slimming changes the layers
         slimmed = slim_model(self.model, keep, self.example, self.config.residual)
-        config = _jsonable(self.config.__dict__ | {"round_to": self.round_to})
+        config = jsonable(self.config.__dict__ | {"round_to": self.round_to})
         report = structured_report(
             self.name,
             config,

@@ -35,8 +35,8 @@ from compressor.methods.base import (
     Method,
     MethodConfig,
     Result,
-    _jsonable,
     clone_model,
+    jsonable,
     register_method,
 )
 from compressor.methods.phases import Phase, device_of
@@ -177,7 +177,7 @@ class ChannelMagnitude(Method):
         mask_(self.model, keep, self.example, residual=self.config.residual, norms=True)
         tied = self.costs.predict(keep, "tied")  # priced before slimming changes the layers
         slimmed = slim_model(self.model, keep, self.example, self.config.residual)
-        config = _jsonable(self.config.__dict__ | {"round_to": self.round_to})
+        config = jsonable(self.config.__dict__ | {"round_to": self.round_to})
         report = structured_report(
             self.name,
             config,
