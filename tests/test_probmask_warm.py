@@ -93,13 +93,14 @@ def test_one_plus_one_epochs_is_not_below_magnitude_plus_finetune(lenet5_digits,
     assert top1 >= baseline - 0.02, (top1, baseline)
     n = result.report["achieved"]["total"]
     assert result.report["achieved"]["zeros"] == n - round(0.1 * n)
+    assert result.report["probmask"]["score_lr"] == pytest.approx(0.05)  # 18 steps: unscaled
 
 
 def test_warm_score_lr_falls_with_the_run_length(lenet5_digits, digits):
-    short = prune(lenet5_digits, "probmask", 0.9, digits, epochs=1, finetune_epochs=0)
-    steps = len(train_loader(digits, 64))
-    assert steps <= 200  # digits' one epoch: the lr as configured
-    assert short.report["probmask"]["score_lr"] == pytest.approx(0.05)
+    short = ProbMask(clone_model(lenet5_digits), Budget("weights", 0.1), epochs=1)
+    next(short.phases(digits))  # knows its loader: the score steps
+    assert short.score_steps == len(train_loader(digits, 64)) <= 200  # digits' one epoch
+    assert short.score_lr() == pytest.approx(0.05)  # the lr as configured
     long = ProbMask(clone_model(lenet5_digits), Budget("weights", 0.1), warm_score_steps=10)
     long.score_steps = 40
     assert long.score_lr() == pytest.approx(0.05 * 10 / 40)
