@@ -82,10 +82,13 @@ def schedule(name: str, epochs: int, probe: bool) -> dict:
     return {"finetune_epochs": 0 if probe else epochs} | ({"bn_batches": 2} if probe else {})
 
 
-def prune_ours(name: str, dense: nn.Module, data, budget: Budget, options: dict) -> nn.Module:
-    """One of OURS pruned to `budget` through compressor.prune (its own schedule)."""
+def prune_ours(name: str, dense: nn.Module, data, budget: Budget, options: dict, **extra):
+    """One of OURS pruned to `budget` through compressor.prune (its own schedule): the
+    Result, its model in eval mode. `extra` goes to prune() (e.g. `measure_latency`)."""
     method, fixed = OURS[name]
-    return prune(dense, method, budget, data, **fixed, **options).model.eval()
+    result = prune(dense, method, budget, data, **fixed, **options, **extra)
+    result.model.eval()
+    return result
 
 
 def tp_ratio(factor: float) -> float:
@@ -140,7 +143,7 @@ def build_row_model(
     else:
         options = schedule(name, epochs, probe)
         options |= {"round_to": align} if align > 1 else {}
-        model = prune_ours(name, dense, data, Budget("flops", 1.0 / factor), options)
+        model = prune_ours(name, dense, data, Budget("flops", 1.0 / factor), options).model
     info["train_s"] = round(time.perf_counter() - start, 1)
     return model, info
 
@@ -149,12 +152,9 @@ def build_latency_model(name, dense, data, target: float, *, align: int, epochs:
     """(model, info) of row `name` pruned straight to a latency budget, checked on the
     exported graph by `measure` (exporters.latency.graph_measurer) as `compress prune` does."""
     options = schedule(name, epochs, probe=False) | ({"round_to": align} if align > 1 else {})
-    method, fixed = OURS[name]
     start = time.perf_counter()
-    result = prune(
-        dense, method, Budget("latency", 1.0 / target), data, measure_latency=measure,
-        **fixed, **options,
-    )  # fmt: skip
+    budget = Budget("latency", 1.0 / target)
+    result = prune_ours(name, dense, data, budget, options, measure_latency=measure)
     refits = (result.report.get("latency") or {}).get("refits", 0)
     info = {"latency_request": target, "refits": refits}
-    return result.model.eval(), info | {"train_s": round(time.perf_counter() - start, 1)}
+    return result.model, info | {"train_s": round(time.perf_counter() - start, 1)}

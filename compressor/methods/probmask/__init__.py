@@ -34,9 +34,9 @@ is none. The scores' Adam lr is `warm_score_lr` (0.05): the official 6e-3 is siz
 ~60k steps. On runs longer than `warm_score_steps` (200) it falls as 200 / steps, so the
 scores move as far in all: on full Fashion-MNIST (844 steps per epoch) 0.05 let noisy
 gradients reshuffle the ranking (LeNet-5 95 %, 2 + 1 epochs: 88.7 % against 91.0 % for
-magnitude + fine-tuning); 0.005 gave 91.0 %, 5e-4 90.9 %. The weight lr stays 0.01, a tenth of the official (1e-3 was no better). The
-final mask is the global top-k of s, ties by |w| (unchanged); measurements in
-probmask/warm.py.
+magnitude + fine-tuning); 0.005 gave 91.0 %, 5e-4 90.9 %. The weight lr stays 0.01, a
+tenth of the official (1e-3 was no better). The final mask is the global top-k of s, ties
+by |w| (unchanged); measurements in probmask/warm.py.
 
 With `--pattern` (compressor/pattern_masks.py) the scores train per weight as above and
 the discrete mask ranks groups: a block's score is the sum of its s (its expected kept
