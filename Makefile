@@ -9,11 +9,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
+# Bytecode is compiled when a module is first imported, not at install: pip would compile
+# all of torch (about a minute of one core here) where a test run imports a fraction of it.
+# That needs Python allowed to write its caches, so PYTHONDONTWRITEBYTECODE (set on some
+# machines, this one included) is not passed down; without the caches every subprocess a
+# test starts would compile torch's imports again.
+unexport PYTHONDONTWRITEBYTECODE
+PIP_INSTALL := $(PY) -m pip install -q --no-compile
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev,mnist]' $(TORCH_PIN)
+	$(PIP_INSTALL) $(TORCH_PIN)
+	$(PIP_INSTALL) -e '.[dev,mnist]' $(TORCH_PIN)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -88,33 +88,33 @@ def test_nproc_inside_a_launcher_must_agree(lenet5_pt2, tmp_path):
 # --- the rank check itself: two gloo processes on a file store --------------------------------
 
 
-def _worker(rank: int, store: str, diverge: bool, results) -> None:
+def _worker(rank: int, store: str, results) -> None:
+    """Checks an agreeing state, then a diverging one, in one process group (one spawn)."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        state = {"w": torch.arange(4.0) + (rank if diverge else 0), "step": 3}
-        try:
-            results[rank] = ("ok", distributed.digest_check("test state", state))
-        except CompressorError as exc:
-            results[rank] = ("error", str(exc))
+        for diverge in (False, True):
+            state = {"w": torch.arange(4.0) + (rank if diverge else 0), "step": 3}
+            try:
+                results[rank, diverge] = ("ok", distributed.digest_check("test state", state))
+            except CompressorError as exc:
+                results[rank, diverge] = ("error", str(exc))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("diverge", [False, True])
-def test_rank_check_catches_divergence(tmp_path, diverge):
+def test_rank_check_passes_agreement_and_catches_divergence(tmp_path):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(str(tmp_path / "store"), diverge, results), nprocs=2)
+        mp.spawn(_worker, args=(str(tmp_path / "store"), results), nprocs=2)
         results = dict(results)
-    if not diverge:
-        assert results[0] == results[1]
-        assert results[0][0] == "ok" and results[0][1][0] == results[0][1][1]
-    else:
-        for rank in (0, 1):
-            kind, message = results[rank]
-            assert kind == "error"
-            assert "ranks diverged in test state: rank 0 has state" in message
-            assert "rank 1 has" in message
+    agreed = results[0, False]
+    assert results[1, False] == agreed
+    assert agreed[0] == "ok" and agreed[1][0] == agreed[1][1]
+    for rank in (0, 1):
+        kind, message = results[rank, True]
+        assert kind == "error"
+        assert "ranks diverged in test state: rank 0 has state" in message
+        assert "rank 1 has" in message
 
 
 def test_shard_needs_a_batch_that_splits(monkeypatch):

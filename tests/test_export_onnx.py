@@ -57,9 +57,14 @@ def _inputs(n: int, seed: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse90"])
 @pytest.mark.parametrize("arch", zoo.list_archs())
 def test_every_zoo_model_exports_and_matches(tmp_path, arch, sparse):
+    # The sparse model has the dense one's graph with zeros in its weights: the TorchScript
+    # exporter (the "auto" fallback, 10-20x cheaper) carries them as the default one does,
+    # and onnxruntime's verification checks them just the same (see GRAPH_EXPORTED).
     model = _zoo_model(arch, sparse)
     path = tmp_path / f"{arch}.onnx"
-    result = export_onnx(model, path, (_inputs(2),), report={"method": "test", "arch": arch})
+    exporter = "legacy" if sparse else "auto"
+    report = {"method": "test", "arch": arch}
+    result = export_onnx(model, path, (_inputs(2),), report=report, exporter=exporter)
     assert result.verified and result.max_abs_diff <= result.tolerance
     assert result.batch_sizes == (1, 2, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # one file, no .data
