@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -32,9 +33,15 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+# The machine's 1-minute load average when the benchmark started: timings taken with other
+# work running (load near the core count) are noisier and slower than on an idle machine.
+LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def machine() -> str:
     return (
-        f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        f"{platform.machine()}, {os.cpu_count()} cores (load {LOAD_AT_START:.1f} at the start), "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
     )
 
 

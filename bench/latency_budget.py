@@ -90,7 +90,7 @@ def main() -> None:
     write_section(
         "latency_budget",
         "## Latency budgets: requested vs measured speed-up (bench/latency_budget.py)\n\n"
-        "`/work/main/.venv/bin/python -m bench.latency_budget` on " + machine() + "; "
+        "`.venv/bin/python -m bench.latency_budget` on " + machine() + "; "
         "onnxruntime CPU, 1 intra-op thread, 28x28 Fashion-MNIST inputs, untrained zoo models. "
         "predicted: the layer table's speed-up at batch 1; measured: the exported graphs, "
         "dense and slimmed alternated, 7 rounds, medians. The check (and re-fits) use batch 1.\n\n"
