@@ -38,11 +38,13 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def machine() -> str:
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores (load {LOAD_AT_START:.1f} at the start), "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
+def machine(load: bool = True) -> str:
+    """The machine in a RESULTS header; `load=False` where the run spans many starts
+    (a report rebuilt from resumed cells)."""
+    cores = f"{os.cpu_count()} cores" + (
+        f" (load {LOAD_AT_START:.1f} at the start)" if load else ""
     )
+    return f"{platform.machine()}, {cores}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def write_section(name: str, body: str) -> None:

@@ -148,7 +148,7 @@ def body(results: dict) -> str:
         "Command: `.venv/bin/python -m bench.schedule --workers 2` (resumes from "
         "bench/schedule_results.json; `--report` rewrites this section and the plot). "
         f"Fashion-MNIST, top-1 (%) on the 10k test set, median over seeds (n). {SETTINGS} "
-        f"Machine: {machine()} per process; 2 shared cores.",
+        f"Machine: {machine(load=False)} per process, the cores shared.",
     ]
     for model in study.DENSE:
         rows = model_table(model, cells, study.SCHEDULES, study.SPARSITIES)
