@@ -33,18 +33,45 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-# The machine's 1-minute load average when the benchmark started: timings taken with other
-# work running (load near the core count) are noisier and slower than on an idle machine.
-LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+def _busy_seconds() -> float | None:
+    """CPU seconds every core of the machine has spent busy since boot (Linux), else None."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    own = os.times()  # this process and the children it has waited for
+    return own.user + own.system + own.children_user + own.children_system
+
+
+# Where the run started: `machine()` reports how busy the other processes kept the cores since
+# (timings taken beside other work are slower and noisier than on an idle machine). The
+# 1-minute load average would not do: it still counts work that ended before the run.
+_START = (time.monotonic(), _busy_seconds(), _own_seconds())
+
+
+def background_cores() -> float | None:
+    """Cores kept busy by other processes on average since this run started (None: unknown)."""
+    busy = _busy_seconds()
+    wall = time.monotonic() - _START[0]
+    if busy is None or _START[1] is None or wall <= 0:
+        return None
+    return max(0.0, (busy - _START[1] - (_own_seconds() - _START[2])) / wall)
 
 
 def machine(load: bool = True) -> str:
-    """The machine in a RESULTS header; `load=False` where the run spans many starts
-    (a report rebuilt from resumed cells)."""
-    cores = f"{os.cpu_count()} cores" + (
-        f" (load {LOAD_AT_START:.1f} at the start)" if load else ""
-    )
-    return f"{platform.machine()}, {cores}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    """The machine in a RESULTS header, with the other processes' load during the run;
+    `load=False` where the run spans many starts (a report rebuilt from resumed cells)."""
+    cores = f"{os.cpu_count()} cores"
+    other = background_cores() if load else None
+    if other is not None:
+        cores += f" ({other:.1f} of them busy with other processes on average during the run)"
+    threads = f"{torch.get_num_threads()} torch threads"
+    return f"{platform.machine()}, {cores}, {threads}, torch {torch.__version__}"
 
 
 def write_section(name: str, body: str) -> None:

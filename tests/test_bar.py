@@ -134,7 +134,7 @@ def test_penalty_gradient_is_capped_at_the_wall():
 
 
 @pytest.mark.parametrize("metric", ["volume", "flops"])
-@pytest.mark.parametrize("factor", [2, 4, 8])
+@pytest.mark.parametrize("factor", [2, 8])  # the final step's search is the same at 4x
 @pytest.mark.parametrize("arch", ["resnet20", "mobilenetv2"])
 def test_budget_met(arch, factor, metric, small_digits):
     model = _model(arch)

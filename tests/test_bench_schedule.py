@@ -93,4 +93,6 @@ def test_plan_puts_the_goals_cells_first():
     rows = list(dict.fromkeys((t.model, t.schedule) for t in tasks))
     assert rows[:3] == [("lenet5", "short"), ("lenet5", "medium"), ("lenet5", "long")]
     assert {t.seed for t in tasks[:27]} == {0, 1, 2} and tasks[-1].model == "resnet20"
-    assert [t.sparsity for t in tasks if t.schedule == "long"][:6] == [0.95] * 3 + [0.98] * 3
+    long = [(t.sparsity, t.method) for t in tasks if t.schedule == "long"][:6]
+    goal = [(s, m) for s in (0.95, 0.98) for m in ("probmask", "gmp")]  # ProbMask vs GMP
+    assert long == goal + [(0.95, "magnitude-ft"), (0.98, "magnitude-ft")]
