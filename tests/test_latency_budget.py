@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import exporters.latency
 from cli.main import cli
-from compressor import zoo
+from compressor import latency_check, zoo
 from compressor.budget import Budget
 from compressor.errors import TargetNotReachedError
 from compressor.methods import prune
@@ -112,6 +112,21 @@ def test_miss_names_measured_and_requested(fake_table, small_digits):
     message = str(info.value)
     assert "asked for 2x lower latency" in message
     assert "measured 1.2x at batch 1 (1.2 -> 1 ms" in message and "after 3 re-fits" in message
+    assert "--residual tied" not in message  # LeNet-5 has no residual stream: no joins
+
+
+def test_miss_on_mixed_streams_suggests_tied():
+    report = {"method": "bar", "residual": "mixed", "joins": 9}
+    timed = {"dense": {"1": 1.0}, "pruned": {"1": 0.6}}
+    rounds = [{"table_keep": 0.33, "predicted": 3.0, "measured": 1.67}]
+    message = latency_check._miss(report, Budget("latency", 1 / 3), rounds, timed)
+    assert message.endswith(
+        "ask for a smaller reduction, or --residual tied, or measure on a quieter machine"
+    )
+    tied = latency_check._miss(
+        report | {"residual": "tied"}, Budget("latency", 1 / 3), rounds, timed
+    )
+    assert "--residual tied" not in tied
 
 
 def test_round_to_default_comes_from_the_table(tmp_path, small_digits):
@@ -208,8 +223,6 @@ def test_refit_steps_past_a_fixed_graph_cost():
     towards it (1.63x, 1.74x, 1.81x: still outside after 3 re-fits)."""
     from types import SimpleNamespace
 
-    from compressor import latency_check
-
     def attempt(table_budget):
         report = {"method": "fake", "achieved": {"keep": table_budget.keep}}
         return SimpleNamespace(report=report, model=table_budget.keep), None
@@ -248,7 +261,6 @@ def _graph(fixed: float, per_keep: float):
 def test_a_target_below_the_tables_floor_measures_the_smallest_network():
     """The table's floor is not the graph's: asked below it, the smallest network is built
     and measured, and it meets 2.5x (the table alone would have refused)."""
-    from compressor import latency_check
 
     attempt, measure = _floored_attempt(0.45), _graph(0.1, 0.6)
     result, _ = latency_check.measured_fit(attempt, Budget("latency", 0.4), 1.0, measure)
@@ -258,7 +270,6 @@ def test_a_target_below_the_tables_floor_measures_the_smallest_network():
 
 
 def test_below_the_floor_twice_is_a_miss_naming_the_smallest_network():
-    from compressor import latency_check
 
     attempt, measure = _floored_attempt(0.45), _graph(0.2, 0.6)  # the floor measures 2.1x
     with pytest.raises(TargetNotReachedError) as info:
