@@ -18,6 +18,7 @@ from compressor.methods import get_method, list_methods, prune
 from compressor.train import evaluate, train_dense
 from exporters.csr import export_csr
 from exporters.onnx import export_onnx
+from tests.conftest import exporter_for
 from tests.models import FoldedBatchNet, ViewFlattenNet
 
 
@@ -136,7 +137,7 @@ def test_every_method_and_exporter_on_a_batch1_export(
         return
     x = small_digits.sample_inputs(5)  # neither the export batch (1) nor the probe's
     assert result.model(x).shape == (5, 10)
-    onnx = export_onnx(result.model, tmp_path / "m.onnx", (x,))
+    onnx = export_onnx(result.model, tmp_path / "m.onnx", (x,), exporter=exporter_for(method))
     assert onnx.verified and onnx.max_abs_diff <= onnx.tolerance
     pack = export_csr(result.model, tmp_path / "m.csr.safetensors", (x,))
     assert pack.verification.exact_weights and pack.verification.max_output_diff == 0.0
