@@ -20,7 +20,7 @@ from compressor.train import recalibrate_batchnorm_
 from exporters.onnx import RTOL, export_onnx
 from tests.conftest import DISTINCT_ARCHS
 
-INPUT = (1, 8, 8)  # small inputs keep 12 exports fast; LeNet-5 upsamples them inside
+INPUT = (1, 8, 8)  # small inputs keep the exports fast; LeNet-5 upsamples them inside
 
 
 def _zoo_model(arch: str, sparse: bool) -> nn.Module:

@@ -261,7 +261,6 @@ def _graph(fixed: float, per_keep: float):
 def test_a_target_below_the_tables_floor_measures_the_smallest_network():
     """The table's floor is not the graph's: asked below it, the smallest network is built
     and measured, and it meets 2.5x (the table alone would have refused)."""
-
     attempt, measure = _floored_attempt(0.45), _graph(0.1, 0.6)
     result, _ = latency_check.measured_fit(attempt, Budget("latency", 0.4), 1.0, measure)
     rounds = result.report["latency"]["rounds"]
@@ -270,7 +269,6 @@ def test_a_target_below_the_tables_floor_measures_the_smallest_network():
 
 
 def test_below_the_floor_twice_is_a_miss_naming_the_smallest_network():
-
     attempt, measure = _floored_attempt(0.45), _graph(0.2, 0.6)  # the floor measures 2.1x
     with pytest.raises(TargetNotReachedError) as info:
         latency_check.measured_fit(attempt, Budget("latency", 0.25), 1.0, measure)
