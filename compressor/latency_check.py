@@ -137,8 +137,8 @@ def _miss(report: dict, budget: Budget, rounds: list[dict], timed: dict) -> str:
     tied = ", or --residual tied" if mixed else ""
     return (
         f"{report['method']}: asked for {budget.factor:g}x lower latency but the exported graph "
-        f"measured {rounds[-1]['measured']:.3g}x at batch {CHECKED_BATCH} ({dense:.3g} -> {pruned:.3g} ms; "
-        f"the table predicted {rounds[-1]['predicted']:.3g}x) after {len(rounds) - 1} re-fits "
+        f"measured {rounds[-1]['measured']:.3g}x at batch {CHECKED_BATCH} "
+        f"({dense:.3g} -> {pruned:.3g} ms; the table predicted {rounds[-1]['predicted']:.3g}x) after {len(rounds) - 1} re-fits "
         f"of the table's target (tolerance {TOLERANCE:.0%}; table keep -> measured: {tried}); "
         f"ask for a smaller reduction{tied}, or measure on a quieter machine"
     )

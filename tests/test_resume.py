@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from cli.main import cli
 from compressor import checkpoint
 from compressor.errors import InputError
 from compressor.io import load_model
@@ -43,10 +45,6 @@ def _killed(*args, kill_at: int) -> subprocess.CompletedProcess:
 
 def _compress(*args) -> None:
     """The CLI in this process (no kill needed: a subprocess would only add its ~5 s start)."""
-    from click.testing import CliRunner
-
-    from cli.main import cli
-
     run = CliRunner().invoke(cli, list(map(str, args)))
     assert run.exit_code == 0, run.output
 
@@ -183,10 +181,6 @@ def test_checkpoint_of_another_model_is_refused(bar_checkpoint, lenet5_digits, s
 
 
 def test_cli_refuses_checkpoint_onto_the_input(lenet5_pt2, tmp_path):
-    from click.testing import CliRunner
-
-    from cli.main import cli
-
     args = [
         "prune",
         str(lenet5_pt2),
