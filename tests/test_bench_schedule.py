@@ -86,13 +86,20 @@ def test_from_scratch_cell_checkpoints(tiny, tmp_path):
 
 
 def test_plan_puts_the_goals_cells_first():
-    """LeNet-5 short (3 seeds) before medium before long; ResNet-20 last; keys unique."""
+    """LeNet-5's goal rows first, then every ResNet-20 row, extra medium seeds last."""
     tasks = schedule.plan()
     keys = [t.key for t in tasks]
     assert len(keys) == len(set(keys))
     rows = list(dict.fromkeys((t.model, t.schedule) for t in tasks))
     assert rows[:3] == [("lenet5", "short"), ("lenet5", "medium"), ("lenet5", "long")]
-    assert {t.seed for t in tasks[:27]} == {0, 1, 2} and tasks[-1].model == "resnet20"
+    assert {t.seed for t in tasks[:27]} == {0, 1, 2}
+    rows_of_seed0 = {(t.model, t.schedule) for t in tasks if t.seed == 0}
+    last_row = next(i for i, t in enumerate(tasks) if (t.model, t.schedule) == ("resnet20", "long"))
+    assert rows_of_seed0 <= {(t.model, t.schedule) for t in tasks[: last_row + 1]}
+    assert {(t.model, t.schedule, t.seed) for t in tasks[last_row + 9 :]} == {
+        ("lenet5", "medium", 1),
+        ("lenet5", "medium", 2),
+    }
     long = [(t.sparsity, t.method) for t in tasks if t.schedule == "long"][:6]
     goal = [(s, m) for s in (0.95, 0.98) for m in ("probmask", "gmp")]  # ProbMask vs GMP
     assert long == goal + [(0.95, "magnitude-ft"), (0.98, "magnitude-ft")]
