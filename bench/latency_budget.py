@@ -15,6 +15,7 @@ Writes the RESULTS.md section latency_budget and bench/out/latency_budget.json.
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -38,6 +39,7 @@ BATCHES = (1, 32)
 SPEC = "fashion-mnist"
 COLUMNS = ["model", "method", "requested", "predicted", "measured b1", "measured b32"]
 COLUMNS += ["dense b1 ms", "slim b1 ms", "dense b32 ms", "slim b32 ms", "re-fits", "round-to"]
+COLUMNS += ["seconds"]
 
 
 def one(arch: str, extra: dict, method: str, factor: int, data) -> dict:
@@ -59,7 +61,12 @@ def one(arch: str, extra: dict, method: str, factor: int, data) -> dict:
             **METHODS[method] | extra,
         )
     except TargetNotReachedError as exc:
-        return row | {"predicted": "failed", "measured b1": _miss_text(str(exc))}
+        seconds = round(time.perf_counter() - start, 1)
+        return row | {
+            "predicted": "failed",
+            "measured b1": _miss_text(str(exc)),
+            "seconds": seconds,
+        }
     latency, timed = result.report["latency"], result.report["latency_ms"]
     return row | {
         "predicted": f"{latency['predicted_speedup']:.2f}x",
@@ -85,21 +92,28 @@ def _miss_text(message: str) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_data(SPEC, seed=0, limit=256)
     rows = []
     for arch, extra in ARCHS:
-        for method in METHODS:
+        for method in args.methods:
             for factor in FACTORS:
                 rows.append(one(arch, extra, method, factor, data))
                 print(rows[-1], flush=True)
     table = markdown_table(rows, COLUMNS)
+    command, name = ".venv/bin/python -m bench.latency_budget", "latency_budget"
+    if args.methods != list(METHODS):  # a section of its own: the full table stays
+        command += " --methods " + " ".join(args.methods)
+        name += "-" + "-".join(args.methods)
     print(table)
-    write_json("latency_budget", rows)
+    write_json(name, rows)
     write_section(
-        "latency_budget",
+        name,
         "## Latency budgets: requested vs measured speed-up (bench/latency_budget.py)\n\n"
-        "`.venv/bin/python -m bench.latency_budget` on " + machine() + "; "
+        f"`{command}` on " + machine() + "; "
         "onnxruntime CPU, 1 intra-op thread, 28x28 Fashion-MNIST inputs, untrained zoo models. "
         "predicted: the layer table's speed-up at batch 1; measured: the exported graphs, "
         "dense and slimmed alternated, 7 rounds, medians. The check (and re-fits) use batch 1.\n\n"

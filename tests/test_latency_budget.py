@@ -96,6 +96,27 @@ def test_refit_corrects_a_table_off_by_a_constant_factor(fake_table, small_digit
     assert result.report["budget"] == Budget("latency", 0.5).to_dict()  # the user's budget
 
 
+def test_bar_refit_decides_again_from_the_first_fits_gates(fake_table, small_digits, monkeypatch):
+    """BAR's re-fits skip phase 1: only the first run trains gates (computes the penalty);
+    each re-fit takes its decision from those gates and fine-tunes."""
+    from compressor.methods.bar import Bar
+
+    trained, penalty = [], Bar.penalty
+    monkeypatch.setattr(Bar, "penalty", lambda self: trained.append(id(self)) or penalty(self))
+    result = prune(
+        _model("lenet5"),
+        "bar",
+        Budget("latency", 0.5),
+        small_digits,
+        measure_latency=flop_measurer(slowdown=1.3),
+        **FAST["bar"],
+    )
+    latency = result.report["latency"]
+    assert latency["refits"] >= 1 and abs(latency["rounds"][-1]["measured"] / 2 - 1) <= 0.10
+    assert len(trained) > 0 and len(set(trained)) == 1  # one instance trained, the first
+    assert result.report["budget_step"]["note"].endswith("(a latency re-fit)")
+
+
 def test_miss_names_measured_and_requested(fake_table, small_digits):
     def never_faster(dense, slimmed) -> dict:
         return {"dense": {"1": 1.2}, "pruned": {"1": 1.0}}

@@ -175,6 +175,17 @@ class Method:
         """Trains every phase of `phases(data)` as `prune()` does, then `finalize()`."""
         return drive(self, data)
 
+    def training_snapshot(self) -> dict | None:
+        """After a run: the trained state its budget decision was taken from, so that a
+        latency re-fit decides again from it instead of training again; None (the
+        default) when the decision comes first and there is no such training to reuse."""
+        return None
+
+    def start_from(self, snapshot: dict) -> None:
+        """Makes the next `phases()` skip the training `snapshot` (from `training_snapshot()`
+        of the same method and config) holds, and decide at this instance's budget."""
+        raise NotImplementedError(f"{type(self).__name__} has no training snapshot")
+
     def floors(self, keep_total: int) -> dict[str, int] | None:
         """Per-layer minimum kept weights for `keep_total` in all (None: collapse allowed)."""
         if self.config.allow_layer_collapse:
@@ -249,6 +260,12 @@ def jsonable(value):
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
+def training_state(method: Method) -> dict:
+    """Copies of the model's state and the method's own: a `training_snapshot()`."""
+    model = {k: v.detach().clone() for k, v in method.model.state_dict().items()}
+    return {"model": model, "method": copy.deepcopy(method.state_dict())}
 
 
 def clone_model(model: nn.Module) -> nn.Module:

@@ -130,10 +130,15 @@ def _first_run(instance: Method, model: nn.Module, data, session: dict, check_ra
 
 
 def _fresh_run(instance: Method, model: nn.Module, data: Data | None):
-    """A latency re-fit: `instance`'s method and config run afresh on a copy of `model`."""
+    """A latency re-fit: `instance`'s method and config run again on a copy of `model`,
+    from the first run's trained state where the method keeps one (BAR's gates: only the
+    decision and the fine-tuning run again), else from the start."""
+    snapshot = instance.training_snapshot()
 
     def rerun(budget: Budget) -> tuple[Result, Method]:
         fresh = type(instance)(clone_model(model), budget, instance.config)
+        if snapshot is not None:
+            fresh.start_from(snapshot)
         idle = {"path": None, "resume": None, "fingerprint": None}  # no checkpoints
         return _run_session(fresh, model, data, idle, False)[0], fresh
 
