@@ -13,7 +13,8 @@ from cli.main import cli
 from compressor import latency_check, zoo
 from compressor.budget import Budget
 from compressor.errors import TargetNotReachedError
-from compressor.methods import prune
+from compressor.methods import get_method, prune
+from compressor.methods.driver import REFIT_FROM
 from compressor.stats import measure
 from compressor.surgery.cost import CostModel
 from compressor.surgery.latency import LatencyModel, LatencyTable, OrtLayerTimer, rate_multiple
@@ -94,27 +95,30 @@ def test_refit_corrects_a_table_off_by_a_constant_factor(fake_table, small_digit
     assert abs(last["measured"] / 2 - 1) <= 0.10
     assert latency["measured_speedup"]["1"] == pytest.approx(last["measured"])
     assert result.report["budget"] == Budget("latency", 0.5).to_dict()  # the user's budget
+    assert result.report["latency_refit"] == REFIT_FROM[False]  # nothing trained to reuse
 
 
-def test_bar_refit_decides_again_from_the_first_fits_gates(fake_table, small_digits, monkeypatch):
-    """BAR's re-fits skip phase 1: only the first run trains gates (computes the penalty);
-    each re-fit takes its decision from those gates and fine-tunes."""
-    from compressor.methods.bar import Bar
-
-    trained, penalty = [], Bar.penalty
-    monkeypatch.setattr(Bar, "penalty", lambda self: trained.append(id(self)) or penalty(self))
+@pytest.mark.parametrize("method", ["bar", "gss"])
+def test_refit_decides_again_from_the_first_fits_training(
+    method, fake_table, small_digits, monkeypatch
+):
+    """BAR's and GSS's re-fits skip the training their decision is taken from: only the
+    first run computes the penalty; each re-fit decides from that state and fine-tunes."""
+    cls = get_method(method)
+    trained, penalty = [], cls.penalty
+    monkeypatch.setattr(cls, "penalty", lambda self: trained.append(id(self)) or penalty(self))
     result = prune(
         _model("lenet5"),
-        "bar",
+        method,
         Budget("latency", 0.5),
         small_digits,
         measure_latency=flop_measurer(slowdown=1.3),
-        **FAST["bar"],
+        **FAST[method],
     )
     latency = result.report["latency"]
     assert latency["refits"] >= 1 and abs(latency["rounds"][-1]["measured"] / 2 - 1) <= 0.10
     assert len(trained) > 0 and len(set(trained)) == 1  # one instance trained, the first
-    assert result.report["budget_step"]["note"].endswith("(a latency re-fit)")
+    assert result.report["latency_refit"] == REFIT_FROM[True]
 
 
 def test_miss_names_measured_and_requested(fake_table, small_digits):

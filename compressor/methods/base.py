@@ -117,6 +117,9 @@ class Method:
     # targets when the data had no labels (compressor.distill)
     labels: dict | None = None
     soft_targets: Distill | None = None
+    # the state a budget decision was taken from, and one to start from (trained_phase)
+    trained: dict | None = None
+    warm: dict | None = None
 
     def __init__(
         self, model: nn.Module, budget: Budget, config: MethodConfig | None = None, **overrides
@@ -177,14 +180,26 @@ class Method:
 
     def training_snapshot(self) -> dict | None:
         """After a run: the trained state its budget decision was taken from, so that a
-        latency re-fit decides again from it instead of training again; None (the
-        default) when the decision comes first and there is no such training to reuse."""
-        return None
+        latency re-fit decides again from it instead of training again; None when the
+        decision comes first and there is no such training to reuse (`trained_phase`)."""
+        return self.trained
 
     def start_from(self, snapshot: dict) -> None:
         """Makes the next `phases()` skip the training `snapshot` (from `training_snapshot()`
         of the same method and config) holds, and decide at this instance's budget."""
-        raise NotImplementedError(f"{type(self).__name__} has no training snapshot")
+        self.warm = snapshot
+
+    def trained_phase(self, phase: Phase) -> Iterator[Phase]:
+        """`yield from` it for the training a budget decision is taken from: yields `phase`
+        and keeps the state it leaves (`training_snapshot`), or after `start_from` restores
+        that state instead of training."""
+        if self.warm is None:
+            yield phase
+            self.trained = training_state(self)
+            return
+        self.model.load_state_dict(self.warm["model"])
+        self.load_state_dict(self.warm["method"])
+        self.trained = self.warm
 
     def floors(self, keep_total: int) -> dict[str, int] | None:
         """Per-layer minimum kept weights for `keep_total` in all (None: collapse allowed)."""

@@ -129,6 +129,12 @@ def _first_run(instance: Method, model: nn.Module, data, session: dict, check_ra
         return exc, None
 
 
+REFIT_FROM = {
+    True: "decided again from the first fit's training, then fine-tuned",
+    False: "the method's whole schedule run again",
+}
+
+
 def _fresh_run(instance: Method, model: nn.Module, data: Data | None):
     """A latency re-fit: `instance`'s method and config run again on a copy of `model`,
     from the first run's trained state where the method keeps one (BAR's gates: only the
@@ -140,7 +146,9 @@ def _fresh_run(instance: Method, model: nn.Module, data: Data | None):
         if snapshot is not None:
             fresh.start_from(snapshot)
         idle = {"path": None, "resume": None, "fingerprint": None}  # no checkpoints
-        return _run_session(fresh, model, data, idle, False)[0], fresh
+        result = _run_session(fresh, model, data, idle, False)[0]
+        result.report["latency_refit"] = REFIT_FROM[snapshot is not None]
+        return result, fresh
 
     return rerun
 

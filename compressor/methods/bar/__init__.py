@@ -83,7 +83,6 @@ from compressor.methods.base import (
     clone_model,
     jsonable,
     register_method,
-    training_state,
 )
 from compressor.methods.phases import Phase, device_of, task_loss_of
 from compressor.surgery.cost import CostModel
@@ -189,10 +188,6 @@ class Bar(Method):
         self.multiplier = 0.0
         self.current = 0.0
         self.result: Result | None = None  # the slimmed model and report, once slimmed
-        # phase 1's end (weights and gates), kept for latency re-fits; `warm` is one to
-        # start from instead of training (start_from)
-        self.trained: dict | None = None
-        self.warm: dict | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -301,15 +296,6 @@ class Bar(Method):
         self.model = slimmed.model  # what the fine-tuning phases train
         self.result = Result(slimmed.model, report)
 
-    def training_snapshot(self) -> dict | None:
-        """Phase 1's end: the weights and gates the decision is taken from."""
-        return self.trained
-
-    def start_from(self, snapshot: dict) -> None:
-        """A latency re-fit: phase 1 is not trained again; the decision is taken from
-        `snapshot`'s gates at this budget, then the slimmed network is fine-tuned."""
-        self.warm = snapshot
-
     # --- the schedule and the decision ------------------------------------------------------
 
     def budget_bounds(self, progress: float) -> tuple[float, float]:
@@ -363,13 +349,12 @@ class Bar(Method):
 
     def _note(self) -> str:
         adj = self.adjustment
-        warm = "; gates trained for the first fit (a latency re-fit)" if self.warm else ""
         if not (adj.removed or adj.restored):
-            return "the gates alone met the budget" + warm
+            return "the gates alone met the budget"
         return (
             f"the gates reached keep {adj.before / self.dense_cost:.4f}; the budget step "
             f"removed {adj.removed} channels with the lowest and restored {adj.restored} "
-            f"with the highest log alpha{warm}"
+            "with the highest log alpha"
         )
 
     # --- the schedule of phases -------------------------------------------------------------
@@ -384,16 +369,11 @@ class Bar(Method):
         if distill is None and cfg.distill:
             distill = Distill(clone_model(self.model).eval(), cfg.temperature, cfg.alpha)
         self.prepare(data.sample_inputs(2).to(device_of(self.model)))
-        if self.warm is None:
-            optimizer = sgd(self.model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-            loss = task_loss_of(distill, self.penalty)
-            yield Phase(
-                "bar: gates", self.model, cfg.epochs, loader, optimizer, loss, None, self.step
-            )
-            self.trained = training_state(self)
-        else:
-            self.model.load_state_dict(self.warm["model"])
-            self.load_state_dict(self.warm["method"])
-            self.trained = self.warm
+        optimizer = sgd(self.model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+        loss = task_loss_of(distill, self.penalty)
+        gates = Phase(
+            "bar: gates", self.model, cfg.epochs, loader, optimizer, loss, None, self.step
+        )
+        yield from self.trained_phase(gates)  # a latency re-fit restores it instead
         self.slim()
         yield slimmed_finetune_phase(self.model, loader, cfg, distill)
