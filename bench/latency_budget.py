@@ -6,7 +6,8 @@
 LeNet-5 and ResNet-20 (zoo, untrained: latency does not depend on the weights) on 28x28
 Fashion-MNIST (256 images; at the 8x8 of digits onnxruntime's per-node cost outweighs the
 convolutions and no table of layers predicts the graph), pruned with `--budget-metric latency` at 2x and 3x by
-channel-magnitude (no fine-tuning) and BAR (1 gate epoch, no fine-tuning): the decision is
+channel-magnitude (no fine-tuning), BAR (1 gate epoch, no fine-tuning) and structured GSS (1
+regularised epoch, no fine-tuning): the decision is
 fitted on the per-layer onnxruntime table, then the exported dense and slimmed graphs are
 timed alternately (7 rounds, medians, 1 intra-op thread) at batch 1 and 32, with up to 3
 re-fits when batch 1 misses the request by more than 10 % (compressor/latency_check.py).
@@ -34,7 +35,9 @@ FACTORS = (2, 3)
 METHODS = {
     "channel-magnitude": {"finetune_epochs": 0, "bn_batches": 2},
     "bar": {"epochs": 1, "finetune_epochs": 0, "bn_batches": 2},
+    "gss": {"variant": "structure", "epochs": 1, "finetune_epochs": 0},
 }
+MIXABLE = ("channel-magnitude", "bar")  # methods with a `residual` option
 BATCHES = (1, 32)
 SPEC = "fashion-mnist"
 COLUMNS = ["model", "method", "requested", "predicted", "measured b1", "measured b32"]
@@ -49,6 +52,8 @@ def one(arch: str, extra: dict, method: str, factor: int, data) -> dict:
     model = zoo.build(arch, in_channels=channels, num_classes=10, input_size=tuple(size)).eval()
     measurer = graph_measurer(data.sample_inputs(2), threads=1, batches=BATCHES)
     name = arch + "".join(f" ({v})" for v in extra.values())
+    if arch.startswith("resnet") and method not in MIXABLE:
+        name += " (tied)"
     row = {"model": name, "method": method, "requested": f"{factor}x"}
     start = time.perf_counter()
     try:
@@ -100,8 +105,11 @@ def main() -> None:
     rows = []
     for arch, extra in ARCHS:
         for method in args.methods:
+            options = extra if method in MIXABLE else {}
+            if extra.get("residual") == "mixed" and method not in MIXABLE:
+                continue  # GSS ties residual streams: its one ResNet-20 row is the tied one
             for factor in FACTORS:
-                rows.append(one(arch, extra, method, factor, data))
+                rows.append(one(arch, options, method, factor, data))
                 print(rows[-1], flush=True)
     table = markdown_table(rows, COLUMNS)
     command, name = ".venv/bin/python -m bench.latency_budget", "latency_budget"

@@ -23,6 +23,7 @@ TOLERANCE = 0.10  # the measured speed-up within 10 % of the request (issue 17)
 MAX_REFITS = 3  # corrected targets tried after the first fit
 CHECKED_BATCH = "1"  # the batch the table models, and a single request's latency
 FLOOR_MARGIN = 1.02  # a target this much above the table's smallest network: buildable
+CHORD_SHARE = 0.5  # a secant flatter than this share of the chord from dense is noise
 
 # (dense, slimmed) -> {"dense": {batch: ms}, "pruned": {batch: ms}, ...}: batch "1" at least
 Measure = Callable[[nn.Module, nn.Module], dict]
@@ -46,13 +47,18 @@ def corrected(table_budget: Budget, rounds: list[dict], requested: Budget) -> Bu
     secant step, exact when the graph adds a fixed cost (joins, activations, per-node
     overhead) to what the table sees, which scaling the keep by measured / requested never
     settles on. Where the two points do not say "less table, less time" (noise, or a
-    flat stretch), the keep is scaled by measured / requested instead.
+    flat stretch), the keep is scaled by measured / requested instead. A slope under
+    CHORD_SHARE of the chord's from the dense model to the last point is taken as noise
+    too (two nearby tries that timed alike), and the chord's share is used: a near-flat
+    secant would otherwise leap, e.g. from keep 0.6 to the dense model.
     """
     points = [(1.0, 1.0)] + [(1.0 / r["predicted"], 1.0 / r["measured"]) for r in rounds]
     (p0, m0), (p1, m1) = points[-2], points[-1]
     goal = 1.0 / requested.factor
-    if abs(p1 - p0) > 0.01 and (m1 - m0) / (p1 - p0) > 0:
-        keep = p1 + (goal - m1) * (p1 - p0) / (m1 - m0)
+    if abs(p1 - p0) > 0.01 and (slope := (m1 - m0) / (p1 - p0)) > 0:
+        if p1 < 1.0:
+            slope = max(slope, CHORD_SHARE * (1.0 - m1) / (1.0 - p1))
+        keep = p1 + (goal - m1) / slope
         if keep > 0.0:
             return Budget("latency", min(1.0, keep))
     keep = min(1.0, table_budget.keep * rounds[-1]["measured"] / requested.factor)

@@ -261,6 +261,20 @@ def test_refit_steps_past_a_fixed_graph_cost():
     assert rounds[-1]["measured"] == pytest.approx(2.0)
 
 
+def test_refit_does_not_leap_on_a_flat_secant():
+    """Two nearby tries that timed alike (GSS on ResNet-20 under load: table keep 0.5 ->
+    2.75x, 0.606 -> 2.57x, asked 2x) make a near-flat secant whose step went to the dense
+    model (keep 1, measured 1.47x); the chord from the dense model bounds the slope."""
+    rounds = [
+        {"table_keep": 0.5, "predicted": 2.0, "measured": 2.75},
+        {"table_keep": 0.606, "predicted": 1 / 0.606, "measured": 2.57},
+    ]
+    keep = latency_check.corrected(Budget("latency", 0.606), rounds, Budget("latency", 0.5)).keep
+    chord = (1 - 1 / 2.57) / (1 - 0.606)
+    assert keep == pytest.approx(0.606 + (0.5 - 1 / 2.57) / (0.5 * chord))
+    assert 0.7 < keep < 0.8  # the proportional step (0.606 x 2.57 / 2 = 0.78) is near
+
+
 def _floored_attempt(floor: float):
     """A fake method whose table cannot build a network below `floor` (its keep)."""
     from types import SimpleNamespace
