@@ -50,19 +50,34 @@ def corrected(table_budget: Budget, rounds: list[dict], requested: Budget) -> Bu
     flat stretch), the keep is scaled by measured / requested instead. A slope under
     CHORD_SHARE of the chord's from the dense model to the last point is taken as noise
     too (two nearby tries that timed alike), and the chord's share is used: a near-flat
-    secant would otherwise leap, e.g. from keep 0.6 to the dense model.
+    secant would otherwise leap, e.g. from keep 0.6 to the dense model. Once one try
+    measured too fast and another too slow, the next stays between the closest such pair
+    (`_bracketed`): a step out of it would only repeat a side already measured.
     """
     points = [(1.0, 1.0)] + [(1.0 / r["predicted"], 1.0 / r["measured"]) for r in rounds]
     (p0, m0), (p1, m1) = points[-2], points[-1]
     goal = 1.0 / requested.factor
+    keep = None
     if abs(p1 - p0) > 0.01 and (slope := (m1 - m0) / (p1 - p0)) > 0:
         if p1 < 1.0:
             slope = max(slope, CHORD_SHARE * (1.0 - m1) / (1.0 - p1))
         keep = p1 + (goal - m1) / slope
-        if keep > 0.0:
-            return Budget("latency", min(1.0, keep))
-    keep = min(1.0, table_budget.keep * rounds[-1]["measured"] / requested.factor)
-    return Budget("latency", keep)
+    if keep is None or keep <= 0.0:
+        keep = table_budget.keep * rounds[-1]["measured"] / requested.factor
+    return Budget("latency", _bracketed(min(1.0, keep), points[1:], goal))
+
+
+def _bracketed(keep: float, points: list[tuple[float, float]], goal: float) -> float:
+    """`keep`, or where the line between the closest tries on either side of `goal`
+    (table keep, measured keep) crosses it when `keep` lies outside them."""
+    below = [(p, m) for p, m in points if m < goal]  # too fast: more table keep needed
+    above = [(p, m) for p, m in points if m > goal]  # too slow
+    if not (below and above):
+        return keep
+    (p_lo, m_lo), (p_hi, m_hi) = max(below), min(above)
+    if not p_lo < p_hi or p_lo < keep < p_hi:
+        return keep  # a crossed pair (noise) says nothing; inside, the step stands
+    return p_lo + (goal - m_lo) * (p_hi - p_lo) / (m_hi - m_lo)
 
 
 def measured_fit(attempt: Callable[[Budget], tuple], budget: Budget, dense: nn.Module, measure):

@@ -275,6 +275,20 @@ def test_refit_does_not_leap_on_a_flat_secant():
     assert 0.7 < keep < 0.8  # the proportional step (0.606 x 2.57 / 2 = 0.78) is near
 
 
+def test_refit_stays_between_tries_on_either_side():
+    """GSS on tied ResNet-20, asked 2x: 0.5 -> 1.62x, 0.342 -> 2.53x, 0.415 -> 2.46x (a
+    cliff between 0.415 and 0.5). The flat last pair pointed to 0.597, a side already
+    measured too slow; the next try lies where the bracketing pair's line crosses 2x."""
+    rounds = [
+        {"table_keep": k, "predicted": 1 / k, "measured": m}
+        for k, m in ((0.5, 1.62), (0.342, 2.53), (0.415, 2.46))
+    ]
+    keep = latency_check.corrected(Budget("latency", 0.415), rounds, Budget("latency", 0.5)).keep
+    m_lo, m_hi = 1 / 2.46, 1 / 1.62
+    assert keep == pytest.approx(0.415 + (0.5 - m_lo) * (0.5 - 0.415) / (m_hi - m_lo))
+    assert 0.415 < keep < 0.5
+
+
 def _floored_attempt(floor: float):
     """A fake method whose table cannot build a network below `floor` (its keep)."""
     from types import SimpleNamespace
