@@ -191,11 +191,12 @@ class Method:
 
     def trained_phase(self, phase: Phase) -> Iterator[Phase]:
         """`yield from` it for the training a budget decision is taken from: yields `phase`
-        and keeps the state it leaves (`training_snapshot`), or after `start_from` restores
-        that state instead of training."""
+        and, under a latency budget (whose re-fits use it), keeps the state it leaves
+        (`training_snapshot`); after `start_from` restores that state instead of training."""
         if self.warm is None:
             yield phase
-            self.trained = training_state(self)
+            if self.budget.metric == "latency":
+                self.trained = training_state(self)
             return
         self.model.load_state_dict(self.warm["model"])
         self.load_state_dict(self.warm["method"])
