@@ -136,7 +136,10 @@ def test_miss_names_measured_and_requested(fake_table, small_digits):
         )
     message = str(info.value)
     assert "asked for 2x lower latency" in message
-    assert "measured 1.2x at batch 1 (1.2 -> 1 ms" in message and f"after {latency_check.MAX_REFITS} re-fits" in message
+    assert (
+        "measured 1.2x at batch 1 (1.2 -> 1 ms" in message
+        and f"after {latency_check.MAX_REFITS} re-fits" in message
+    )
     assert "--residual tied" not in message  # LeNet-5 has no residual stream: no joins
 
 
