@@ -88,14 +88,14 @@ def goals(cells: dict) -> list[str]:
 
 
 def unfinished(cells: dict, tasks) -> list[str]:
-    """'model schedule sparsity: n of m cells' for every row with cells still to run."""
+    """'model schedule sparsity: n of m cells to run' for every row with cells left."""
     missing: dict[tuple, list[int]] = {}
     for task in tasks:
         counts = missing.setdefault((task.model, task.schedule, task.sparsity), [0, 0])
         counts[1] += 1
         counts[0] += task.key not in cells
     return [
-        f"{m} {s} {p:.0%}: {left} of {total} cells"
+        f"{m} {s} {p:.0%}: {left} of {total} cells to run"
         for (m, s, p), (left, total) in missing.items()
         if left
     ]
