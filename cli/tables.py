@@ -145,6 +145,8 @@ def print_prune_summary(report: dict, output: str) -> None:
         click.echo(f"latency: {format_latency(report['latency_ms'])}")
     if report.get("latency"):
         click.echo(f"latency budget: {format_latency_budget(report['latency'])}")
+        if report["latency"].get("refits") and report.get("latency_refit"):
+            click.echo(f"re-fits: {report['latency_refit']}")
     for line in report.get("tied_streams") or ():  # mixed mode fell back for these streams
         click.echo(f"note: {line}")
 

@@ -180,8 +180,11 @@ def _cli(args) -> object:
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_cli_accepts_latency_for_bar(tmp_path, lenet5_pt2, fake_table, monkeypatch):
-    monkeypatch.setattr(exporters.latency, "graph_measurer", lambda *a, **k: flop_measurer())
+@pytest.mark.parametrize("slowdown", [1.0, 1.3])
+def test_cli_accepts_latency_for_bar(slowdown, tmp_path, lenet5_pt2, fake_table, monkeypatch):
+    """On a graph as fast as the table says, no re-fit; 30 % slower, re-fits, said so."""
+    measurer = flop_measurer(slowdown)
+    monkeypatch.setattr(exporters.latency, "graph_measurer", lambda *a, **k: measurer)
     out, report = tmp_path / "bar.pt2", tmp_path / "report.json"
     args = ["prune", lenet5_pt2, "-m", "bar", "--budget", "2x", "--budget-metric", "latency"]
     args += ["--data", "digits", "--set", "epochs=1", "--finetune-epochs", "0"]
@@ -189,12 +192,13 @@ def test_cli_accepts_latency_for_bar(tmp_path, lenet5_pt2, fake_table, monkeypat
     result = _cli(args)
     assert result.exit_code == 0, result.output
     found = json.loads(report.read_text())
-    assert found["budget"]["metric"] == "latency" and found["latency"]["refits"] == 0
+    refits = found["latency"]["refits"]
+    assert found["budget"]["metric"] == "latency" and (refits == 0) == (slowdown == 1.0)
     assert abs(found["latency"]["measured_speedup"]["1"] / 2 - 1) <= 0.10
-    assert (
-        "latency budget: requested 2x" in result.output
-        and "at batch 1 (0 re-fits)" in result.output
-    )
+    assert "latency budget: requested 2x" in result.output
+    assert f"at batch 1 ({refits} re-fits)" in result.output
+    said = f"re-fits: {REFIT_FROM[True]}" in result.output
+    assert said == (refits > 0)
 
 
 def test_cli_refuses_latency_for_magnitude_global(tmp_path, lenet5_pt2):
