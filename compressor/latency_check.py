@@ -27,6 +27,7 @@ MAX_REFITS = 5
 CHECKED_BATCH = "1"  # the batch the table models, and a single request's latency
 FLOOR_MARGIN = 1.02  # a target this much above the table's smallest network: buildable
 CHORD_SHARE = 0.5  # a secant flatter than this share of the chord from dense is noise
+ALIGN_HINT = 8  # the --round-to a non-monotone miss suggests (bench/RESULTS.md latency_layout)
 
 # (dense, slimmed) -> {"dense": {batch: ms}, "pruned": {batch: ms}, ...}: batch "1" at least
 Measure = Callable[[nn.Module, nn.Module], dict]
@@ -164,8 +165,31 @@ def _miss(report: dict, budget: Budget, rounds: list[dict], timed: dict) -> str:
         f"measured {rounds[-1]['measured']:.3g}x at batch {CHECKED_BATCH} "
         f"({dense:.3g} -> {pruned:.3g} ms; the table predicted {rounds[-1]['predicted']:.3g}x) after {len(rounds) - 1} re-fits "
         f"of the table's target (tolerance {TOLERANCE:.0%}; table keep -> measured: {tried}); "
-        f"ask for a smaller reduction{tied}, or measure on a quieter machine"
+        f"ask for a smaller reduction{tied}{_align_hint(report, rounds)}, or measure on a "
+        "quieter machine"
     )
+
+
+def _align_hint(report: dict, rounds: list[dict]) -> str:
+    """', or --round-to 8 (...)' when a larger try measured faster than a smaller one.
+
+    At free channel counts onnxruntime switches layers between its blocked and plain
+    layouts, so latency is not monotone in the network's size and no re-fit can settle;
+    aligned counts keep one layout (bench/RESULTS.md latency_budget, latency_layout).
+    """
+    round_to = report.get("round_to") or report.get("config", {}).get("round_to") or 1
+    if round_to >= ALIGN_HINT:
+        return ""
+    tries = sorted((1.0 / r["predicted"], r["measured"]) for r in rounds)
+    for i, (small, fast) in enumerate(tries):
+        for large, measured in tries[i + 1 :]:
+            if large > small * 1.01 and measured > fast * (1.0 + TOLERANCE):
+                return (
+                    f", or --round-to {ALIGN_HINT} (a larger network measured faster: table "
+                    f"keep {large:.3g} -> {measured:.3g}x, {small:.3g} -> {fast:.3g}x; "
+                    "at free channel counts the runtime changes memory layout)"
+                )
+    return ""
 
 
 def without_check(report: dict, budget: Budget) -> None:

@@ -157,6 +157,25 @@ def test_miss_on_mixed_streams_suggests_tied():
     assert "--residual tied" not in tied
 
 
+def test_miss_with_a_larger_network_measured_faster_suggests_aligning():
+    """The tries of a real miss (tied ResNet-20, channel-magnitude, 3x, round-to 1)."""
+    report = {"method": "channel-magnitude", "config": {"round_to": 1}}
+    timed = {"dense": {"1": 0.655}, "pruned": {"1": 0.268}}
+    tries = ((0.333, 1.75), (0.194, 2.35), (0.104, 3.92), (0.144, 5.34), (0.174, 2.25))
+    rounds = [{"table_keep": k, "predicted": 1 / k, "measured": m} for k, m in tries]
+    message = latency_check._miss(report, Budget("latency", 1 / 3), rounds, timed)
+    assert ", or --round-to 8 (a larger network measured faster: table keep 0.144 -> 5.34x, " in (
+        message
+    )
+    assert "0.104 -> 3.92x" in message.split("--round-to 8")[1]
+    monotone = [r for r in rounds if r["table_keep"] != 0.144]
+    assert "--round-to" not in latency_check._miss(
+        report, Budget("latency", 1 / 3), monotone, timed
+    )
+    aligned = report | {"config": {"round_to": 8}}
+    assert "--round-to" not in latency_check._miss(aligned, Budget("latency", 1 / 3), rounds, timed)
+
+
 def test_round_to_default_comes_from_the_table(tmp_path, small_digits):
     table = LatencyTable(AlignedTimer(), path=tmp_path / "table.json")
     model, cfg = _model("resnet20"), FAST["channel-magnitude"]
