@@ -6,9 +6,9 @@ Fashion-MNIST training split) and ResNet-20 (a 5k subset), top-1 on the 10k test
 
 * short: 2 + 1 epochs (pruning + fine-tuning) from the trained dense model, seeds 0-2;
 * medium: 10 + 2 from the trained dense model;
-* long: 60 + 4 from random init (the paper's regime: ProbMask with its own init and
-  schedules; GMP ramping from a dense random net; magnitude = dense training, one-shot
-  global magnitude pruning, fine-tuning).
+* long: 60 + 4 (ResNet-20: 30 + 2) from random init (the paper's regime: ProbMask with its
+  own init and schedules; GMP ramping from a dense random net; magnitude = dense training,
+  one-shot global magnitude pruning, fine-tuning).
 
 Each (model, schedule, sparsity, method, seed) is one cell; a finished cell goes into
 bench/schedule_results.json at once, and a rerun skips it, so the study continues over
@@ -85,6 +85,20 @@ SCHEDULES = {
     # Official ProbMask: 300 + 20 epochs; 60 + 4 keeps its ratio at a fifth of the length.
     "long": Schedule("long", 60, 4, True, (0,)),
 }
+# Per-model lengths where the shared one does not fit (the issue: ResNet-20's long row "as long
+# as the session allows"). A 64-epoch ResNet-20 cell takes ~40 min of a core here and bench/out
+# (its per-epoch checkpoints) does not outlive a session's checkout, so nine such cells would
+# not finish; 30 + 2 keeps the official ratio and finishes within one session.
+MODEL_SCHEDULES = {"resnet20": {"long": Schedule("long", 30, 2, True, (0,))}}
+
+
+def schedule_of(model: str, name: str) -> Schedule:
+    """The schedule `name` as `model` runs it."""
+    return MODEL_SCHEDULES.get(model, {}).get(name, SCHEDULES[name])
+
+
+def schedules_for(model: str) -> dict[str, Schedule]:
+    return {name: schedule_of(model, name) for name in SCHEDULES}
 
 
 @dataclass(frozen=True)
@@ -338,7 +352,7 @@ def study_cell(task: Task) -> dict:
 
     set_quiet(True)
     setup = setup_for(task.model)
-    cell = run_cell(task, setup, SCHEDULES[task.schedule], CELL_DIR)
+    cell = run_cell(task, setup, schedule_of(task.model, task.schedule), CELL_DIR)
     return cell | {"dense_top1": setup.dense_top1}
 
 
@@ -354,47 +368,12 @@ def main(argv: list[str] | None = None) -> None:
     from bench import schedule_report
 
     if args.quick:
+        from bench.schedule_quick import quick
+
         return quick()
     if not args.report:
         run_cells(plan(args.models), RESULTS_JSON, study_cell, args.workers)
     schedule_report.report(load_results(RESULTS_JSON))
-
-
-# --quick: every method and schedule kind on digits in about a minute; checks the script
-QUICK_SCHEDULES = {
-    "short": Schedule("short", 1, 1, False, (0,)),
-    "medium": Schedule("medium", 2, 1, False, (0,)),
-    "long": Schedule("long", 2, 1, True, (0,)),
-}
-
-
-def quick() -> None:
-    """Smoke run of every cell kind at 95 % on digits LeNet-5; prints, writes nothing."""
-    import tempfile
-
-    from bench import schedule_report
-    from compressor import zoo
-    from compressor.data import load_data
-
-    globals()["SCHEDULES"] = QUICK_SCHEDULES  # the report reads the epochs from here
-    data = load_data("digits", seed=0)
-    torch.manual_seed(0)
-    dense = zoo.build("lenet5", in_channels=1, num_classes=10, input_size=8)
-    train_dense(dense, data.train, epochs=1)
-
-    def build() -> nn.Module:
-        return zoo.build("lenet5", in_channels=1, num_classes=10, input_size=8)
-
-    setup = Setup(dense.eval(), data, build, evaluate(dense, data.test))
-    tasks = [Task("lenet5", s, 0.95, m, 0) for s in QUICK_SCHEDULES for m in METHODS]
-    with tempfile.TemporaryDirectory() as tmp:
-
-        def run(task: Task) -> dict:
-            cell = run_cell(task, setup, QUICK_SCHEDULES[task.schedule], Path(tmp))
-            return cell | {"dense_top1": setup.dense_top1}
-
-        run_cells(tasks, Path(tmp) / "results.json", run)
-        schedule_report.report(load_results(Path(tmp) / "results.json"), write=False)
 
 
 if __name__ == "__main__":

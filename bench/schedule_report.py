@@ -9,6 +9,7 @@ from bench.common import machine, markdown_table, write_section
 
 PLOT = Path(__file__).with_name("schedule.png")
 NAMES = {"probmask": "ProbMask", "gmp": "GMP", "magnitude-ft": "magnitude+FT"}
+STYLES = {"lenet5": "-o", "resnet20": "--s"}  # the plot's line per model
 COLUMNS = [
     "schedule",
     "epochs",
@@ -101,8 +102,11 @@ def unfinished(cells: dict, tasks) -> list[str]:
     ]
 
 
-def plot(cells: dict, schedules: dict, sparsities, path: Path = PLOT) -> bool:
-    """Top-1 against training epochs, one panel per sparsity; False without matplotlib."""
+def plot(cells: dict, schedules_for, sparsities, path: Path = PLOT) -> bool:
+    """Top-1 against training epochs, one panel per sparsity; False without matplotlib.
+
+    `schedules_for(model)` gives the model's schedules by name (their lengths may differ).
+    """
     try:
         import matplotlib
 
@@ -113,7 +117,8 @@ def plot(cells: dict, schedules: dict, sparsities, path: Path = PLOT) -> bool:
     med = medians(cells)
     fig, axes = plt.subplots(1, len(sparsities), figsize=(4 * len(sparsities), 3.6))
     for ax, sparsity in zip(axes, sparsities):
-        for model, style in (("lenet5", "-o"), ("resnet20", "--s")):
+        for model, style in STYLES.items():
+            schedules = schedules_for(model)
             for method, label in NAMES.items():
                 points = [
                     (schedules[s].total, med[model, s, f"{sparsity:g}", method][0])
@@ -124,7 +129,7 @@ def plot(cells: dict, schedules: dict, sparsities, path: Path = PLOT) -> bool:
                     xs, ys = zip(*points)
                     ax.plot(xs, ys, style, label=f"{model} {label}")
         ax.set_xscale("log")
-        totals = sorted({s.total for s in schedules.values()})
+        totals = sorted({s.total for m in STYLES for s in schedules_for(m).values()})
         ax.set_xticks(totals, [str(t) for t in totals], minor=False)
         ax.set_xticks([], minor=True)  # the log axis's minor labels overlap the ticks
         ax.set_title(f"{sparsity:.0%} sparsity")
@@ -151,7 +156,7 @@ def body(results: dict) -> str:
         f"Machine: {machine(load=False)} per process, the cores shared.",
     ]
     for model in study.DENSE:
-        rows = model_table(model, cells, study.SCHEDULES, study.SPARSITIES)
+        rows = model_table(model, cells, study.schedules_for(model), study.SPARSITIES)
         if not rows:
             continue
         dense = [c["dense_top1"] for k, c in cells.items() if k.startswith(model + "/")]
@@ -189,7 +194,7 @@ def report(results: dict, write: bool = True) -> str:
 
     text = body(results)
     if write:
-        drawn = plot(results["cells"], study.SCHEDULES, study.SPARSITIES)
+        drawn = plot(results["cells"], study.schedules_for, study.SPARSITIES)
         text += "\n\n" + (
             "Plot: bench/schedule.png (top-1 against training epochs per sparsity)."
             if drawn

@@ -103,3 +103,18 @@ def test_plan_puts_the_goals_cells_first():
     long = [(t.sparsity, t.method) for t in tasks if t.schedule == "long"][:6]
     goal = [(s, m) for s in (0.95, 0.98) for m in ("probmask", "gmp")]  # ProbMask vs GMP
     assert long == goal + [(0.95, "magnitude-ft"), (0.98, "magnitude-ft")]
+
+
+def test_a_model_runs_its_own_schedule_length(monkeypatch):
+    """ResNet-20's long row is 30 + 2 (MODEL_SCHEDULES); LeNet-5's the shared 60 + 4."""
+    ran = {}
+    setup = schedule.Setup(None, None, None, 0.5)
+    monkeypatch.setattr(schedule, "setup_for", lambda model: setup)
+    monkeypatch.setattr(
+        schedule, "run_cell", lambda task, _, sched, __: ran.setdefault(task.model, sched) and {}
+    )
+    for model in ("lenet5", "resnet20"):
+        schedule.study_cell(schedule.Task(model, "long", 0.9, "gmp", 0))
+    assert (ran["lenet5"].epochs, ran["lenet5"].finetune_epochs) == (60, 4)
+    assert (ran["resnet20"].epochs, ran["resnet20"].finetune_epochs) == (30, 2)
+    assert schedule.schedules_for("resnet20")["short"] is schedule.SCHEDULES["short"]
