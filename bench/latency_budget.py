@@ -82,7 +82,7 @@ def one(arch: str, extra: dict, method: str, factor: int, data) -> dict:
         "dense b32 ms": f"{timed['dense']['32']:.3f}",
         "slim b32 ms": f"{timed['pruned']['32']:.3f}",
         "re-fits": latency["refits"],
-        "round-to": result.report.get("round_to") or result.report["config"]["round_to"],
+        "round-to": result.report["config"]["round_to"],
         "seconds": round(time.perf_counter() - start, 1),
     }
 

@@ -177,8 +177,7 @@ def _align_hint(report: dict, rounds: list[dict]) -> str:
     layouts, so latency is not monotone in the network's size and no re-fit can settle;
     aligned counts keep one layout (bench/RESULTS.md latency_budget, latency_layout).
     """
-    round_to = report.get("round_to") or report.get("config", {}).get("round_to") or 1
-    if round_to >= ALIGN_HINT:
+    if (report.get("config", {}).get("round_to") or 1) >= ALIGN_HINT:
         return ""
     tries = sorted((1.0 / r["predicted"], r["measured"]) for r in rounds)
     for i, (small, fast) in enumerate(tries):

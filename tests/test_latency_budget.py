@@ -75,6 +75,7 @@ def test_latency_budget_lands_in_window(arch, method, fake_table, small_digits):
     own = LatencyModel(CostModel(slimmed, (_x(),), "tied"), slimmed, (_x(),), fake_table)
     assert own.dense() == pytest.approx(predicted["pruned"], rel=1e-9)
     assert report["latency"]["measured_speedup"] is None  # no measurer: said, not hidden
+    assert report["config"]["round_to"] >= 1  # the multiple used, not the option's None
 
 
 def test_refit_corrects_a_table_off_by_a_constant_factor(fake_table, small_digits):

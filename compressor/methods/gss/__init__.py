@@ -236,6 +236,8 @@ class Gss(Method):
         self.model.eval()
         report = self.base_report()
         report["achieved"] |= self.extra.pop("achieved", {})
+        if "round_to" in self.extra:  # the one used, where every structured report has it
+            report["config"]["round_to"] = self.extra.pop("round_to")
         report |= {"variant": self.variant, "regulariser": self.describe()} | self.extra
         return Result(self.model, report)
 
