@@ -9,7 +9,7 @@ convolutions and no table of layers predicts the graph), pruned with `--budget-m
 channel-magnitude (no fine-tuning), BAR (1 gate epoch, no fine-tuning) and structured GSS (1
 regularised epoch, no fine-tuning): the decision is
 fitted on the per-layer onnxruntime table, then the exported dense and slimmed graphs are
-timed alternately (7 rounds, medians, 1 intra-op thread) at batch 1 and 32, with up to 3
+timed alternately (7 rounds, medians, 1 intra-op thread) at batch 1 and 32, with up to 5
 re-fits when batch 1 misses the request by more than 10 % (compressor/latency_check.py).
 Writes the RESULTS.md section latency_budget and bench/out/latency_budget.json.
 """
@@ -52,8 +52,7 @@ def one(arch: str, extra: dict, method: str, factor: int, data) -> dict:
     model = zoo.build(arch, in_channels=channels, num_classes=10, input_size=tuple(size)).eval()
     measurer = graph_measurer(data.sample_inputs(2), threads=1, batches=BATCHES)
     name = arch + "".join(f" ({v})" for v in extra.values())
-    if arch.startswith("resnet") and method not in MIXABLE:
-        name += " (tied)"
+    options = METHODS[method] | (extra if method in MIXABLE else {})  # GSS is tied anyway
     row = {"model": name, "method": method, "requested": f"{factor}x"}
     start = time.perf_counter()
     try:
@@ -63,7 +62,7 @@ def one(arch: str, extra: dict, method: str, factor: int, data) -> dict:
             Budget("latency", 1 / factor),
             data,
             measure_latency=measurer,
-            **METHODS[method] | extra,
+            **options,
         )
     except TargetNotReachedError as exc:
         seconds = round(time.perf_counter() - start, 1)
@@ -105,11 +104,10 @@ def main() -> None:
     rows = []
     for arch, extra in ARCHS:
         for method in args.methods:
-            options = extra if method in MIXABLE else {}
             if extra.get("residual") == "mixed" and method not in MIXABLE:
                 continue  # GSS ties residual streams: its one ResNet-20 row is the tied one
             for factor in FACTORS:
-                rows.append(one(arch, options, method, factor, data))
+                rows.append(one(arch, extra, method, factor, data))
                 print(rows[-1], flush=True)
     table = markdown_table(rows, COLUMNS)
     command, name = ".venv/bin/python -m bench.latency_budget", "latency_budget"
