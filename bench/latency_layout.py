@@ -14,14 +14,11 @@ Writes the RESULTS.md section latency_layout.
 from __future__ import annotations
 
 import argparse
-import collections
-import json
-import tempfile
-from pathlib import Path
 
 import torch
 
 from bench.common import machine, markdown_table, write_section
+from bench.mixed_joins import kernel_ms
 from compressor import zoo
 from compressor.budget import Budget
 from compressor.data import load_data
@@ -35,32 +32,10 @@ RUNS = 300  # profiled runs per model
 REORDERS = ("ReorderInput", "ReorderOutput")
 
 
-def profile(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Milliseconds of kernel time per run, by onnxruntime op type (batch 1)."""
-    import onnxruntime as ort
-
-    graph = to_onnx(model.eval(), (x,)).SerializeToString()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    options.enable_profiling, options.log_severity_level = True, 3
-    with tempfile.TemporaryDirectory() as tmp:
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: x[:1].numpy()}
-        for _ in range(RUNS):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    kinds: collections.Counter = collections.Counter()
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            kinds[event["args"]["op_name"]] += event["dur"] / RUNS / 1000
-    return dict(kinds)
-
-
 def row(name: str, model: torch.nn.Module, x: torch.Tensor, table) -> dict:
     """The table's predicted ms and the profile's kernel ms (in all, convs, reorders)."""
     predicted = LatencyModel(CostModel(model, (x,), "tied"), model, (x,), table).dense()
-    kinds = profile(model, x)
+    kinds = kernel_ms(to_onnx(model.eval(), (x,)).SerializeToString(), (x,), 1, RUNS)
     total = sum(kinds.values())
     reorders = sum(kinds.get(k, 0.0) for k in REORDERS)
     convs = kinds.get("Conv", 0.0) + kinds.get("FusedConv", 0.0)

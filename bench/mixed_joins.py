@@ -110,6 +110,27 @@ def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
 CONV_KERNELS = ("Conv", "FusedConv")
 
 
+def kernel_ms(data: bytes, inputs: tuple, batch: int, runs: int) -> collections.Counter:
+    """Milliseconds of onnxruntime kernel time per run, by op type (its profiler, one
+    intra-op thread), of the graph `data` on `inputs` expanded to `batch`."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = latency.THREADS, 3
+    options.enable_profiling = True
+    OUT.mkdir(exist_ok=True)
+    options.profile_file_prefix = str(OUT / "mixed_joins_profile")
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    feed = latency._feed(session, inputs, batch)
+    for _ in range(runs):
+        session.run(None, feed)
+    trace = Path(session.end_profiling())
+    kernels = collections.Counter()
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            kernels[event["args"]["op_name"]] += event["dur"] / runs / 1000
+    trace.unlink()
+    return kernels
+
+
 def outside_conv_share(data: bytes, batch: int, runs: int) -> float:
     """Percent of onnxruntime's kernel time (its profiler) spent outside the convolutions.
 
@@ -117,20 +138,7 @@ def outside_conv_share(data: bytes, batch: int, runs: int) -> float:
     beyond that is its joins and the layout reorders around them. Shares within one run
     are steadier than wall time on a shared machine.
     """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.log_severity_level = latency.THREADS, 3
-    options.enable_profiling = True
-    options.profile_file_prefix = str(OUT / "mixed_joins_profile")
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    feed = latency._feed(session, (example(2),), batch)
-    for _ in range(runs):
-        session.run(None, feed)
-    trace = Path(session.end_profiling())
-    kernels = collections.Counter()
-    for event in json.loads(trace.read_text()):
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            kernels[event["args"]["op_name"]] += event["dur"]
-    trace.unlink()
+    kernels = kernel_ms(data, (example(2),), batch, runs)
     total = sum(kernels.values())
     return 100.0 * (total - sum(kernels[k] for k in CONV_KERNELS)) / total
 
