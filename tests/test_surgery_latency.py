@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from compressor.surgery import channel_groups, mask_, slim_
 from compressor.surgery.cost import CostModel
 from compressor.surgery.fit import FitUnit, fit_budget
 from compressor.surgery.latency import (
+    TABLE_VERSION,
     LatencyModel,
     LatencyTable,
     OrtLayerTimer,
@@ -104,13 +106,33 @@ def test_the_table_is_cached_and_reused(tmp_path):
     dense = latency.dense()
     latency.table.save()
     saved = json.loads((tmp_path / "table.json").read_text())
-    assert saved["version"] == 1 and saved["entries"] == latency.table.entries
+    assert saved["version"] == TABLE_VERSION and saved["entries"] == latency.table.entries
 
     def refuse(spec):
         raise AssertionError(f"timed again: {spec_key(spec)}")
 
     again = _latency(_model("lenet5"), _x(), "tied", tmp_path, refuse)
     assert again.dense() == dense and again.table.measured == 0
+
+
+def test_a_table_timed_another_way_is_timed_again(tmp_path):
+    """Version 1 tables were timed on the wall clock: their entries are not reused."""
+    latency = _latency(_model("lenet5"), _x(), "tied", tmp_path)
+    latency.dense()
+    latency.table.save()
+    path = tmp_path / "table.json"
+    old = json.loads(path.read_text()) | {"version": 1}
+    path.write_text(json.dumps(old))
+    again = _latency(_model("lenet5"), _x(), "tied", tmp_path)
+    assert again.table.entries == {}
+    again.dense()
+    assert again.table.measured == len(latency.table.entries)
+
+
+def test_the_layer_timer_reads_the_cpu_clock_by_default():
+    """A busy neighbour on the core inflates the wall clock, not this process's CPU time
+    (bench/RESULTS.md latency_noise)."""
+    assert OrtLayerTimer().clock is time.process_time
 
 
 def test_the_cache_file_is_keyed_by_runtime_cpu_and_threads(tmp_path, monkeypatch):
@@ -205,9 +227,21 @@ def test_the_fitter_meets_a_latency_budget_on_the_fake_table(tmp_path):
 
 @pytest.mark.parametrize(("block", "expected"), [(8, 8), (4, 4), (1, 1), (64, 32)])
 def test_the_default_multiple_is_where_the_kernel_rate_steps_up(block, expected, tmp_path):
-    """A kernel that computes `block` output channels at a time: a partial block costs a
+    """A kernel that reads and writes `block` channels at a time: a partial block costs a
     full one, so rounding a count up to a multiple of `block` is free."""
-    timer = lambda spec: 0.1 * -(-spec["out"] // block) + 1e-3 * spec["in"]  # noqa: E731
+    up = lambda c: -(-c // block) * block  # noqa: E731
+    timer = lambda spec: 1e-1 * up(spec["out"]) / block + 1e-3 * up(spec["in"])  # noqa: E731
     table = LatencyTable(timer, path=tmp_path / "table.json")
     specs = [{"op": "linear", "in": 64, "out": out, "tokens": 1} for out in (100, 80, 48, 10)]
     assert rate_multiple(table, specs) == expected
+
+
+def test_a_multiple_that_would_freeze_a_layer_is_not_the_default(tmp_path):
+    """onnxruntime pads a blocked conv's outputs to 16, so a 16-channel layer costs the same
+    at 5 outputs as at 16; rounding to 16 (or 32) then looks free but would keep every such
+    layer whole, and reading 5 channels instead of 16 makes the next layer cheaper."""
+    pad = lambda c: -(-c // 16) * 16  # noqa: E731
+    timer = lambda spec: 1e-3 * pad(spec["out"]) * spec["in"]  # noqa: E731
+    table = LatencyTable(timer, path=tmp_path / "table.json")
+    specs = [{"op": "linear", "in": 16, "out": 16, "tokens": 1}] * 3
+    assert rate_multiple(table, specs) == 1

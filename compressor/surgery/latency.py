@@ -8,6 +8,13 @@ several rounds) and cached as JSON under the user's cache directory, in a file w
 hashes the onnxruntime version, the CPU model and the thread count: a table measured on one
 machine is never read on another. The timer is injectable, so tests use a deterministic one.
 
+A layer is timed on the process's CPU clock, not the wall clock: an entry is cached for
+good, and one timed while other work shared the core would misprice its shape in every
+later budget. Beside a busy process on the same core, wall-clock entries came out 0.84-2.69x
+their idle value (median 2x), CPU-clock ones 0.81-1.13x; idle, both clocks repeat within
+about 15 % (bench/RESULTS.md latency_noise). A table file of another TABLE_VERSION (1: the
+wall clock) is measured again.
+
 Every run of a graph also pays a fixed cost (the session call, copying the input and
 output) that each one-layer timing includes: it is timed once (an Identity graph), taken out
 of every layer and counted once per network. The sum ignores what lies between the layers (activations, pools, joins), so it ranks
@@ -36,7 +43,7 @@ THREADS = 1  # intra-op threads: comparable across machines, independent of free
 ROUNDS = 5  # timed samples per layer shape; the median is kept
 MIN_SAMPLE_S = 0.005  # one sample repeats the layer until it lasts this long (timer noise)
 MAX_REPEATS = 1000
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: timed on the CPU clock
 ALIGN_CANDIDATES = (2, 4, 8, 16, 32)  # channel multiples SIMD kernels block by
 ALIGN_LAYERS = 3  # the slowest layer shapes that decide the multiple
 ALIGN_TOLERANCE = 0.05  # rounding up "costs no time" within this (timer noise)
@@ -99,7 +106,9 @@ class LatencyTable:
         self.entries: dict[str, float] = {}
         self.measured = 0  # shapes timed by this object (not found in the cache)
         if self.path.exists():
-            self.entries = dict(json.loads(self.path.read_text()).get("entries", {}))
+            stored = json.loads(self.path.read_text())
+            if stored.get("version") == TABLE_VERSION:  # else timed another way: again
+                self.entries = dict(stored.get("entries", {}))
 
     def lookup(self, spec: Spec) -> float:
         """The layer shape's milliseconds, timing it first when the table lacks it."""
@@ -173,24 +182,34 @@ def rate_multiple(
     default under a latency budget.
 
     The largest N of ALIGN_CANDIDATES such that, on the ALIGN_LAYERS slowest of `specs`,
-    rounding any output count up to a multiple of N costs no time (within `tolerance`):
-    the kernel runs N-wide and a partial block costs a full one. 1 when none does.
+    rounding any count up to a multiple of N costs no time (within `tolerance`): the
+    kernel runs N-wide and a partial block costs a full one. A count is priced where it is
+    written and where it is read (`_free_rounding`), and N must lie below each of those
+    layers' output counts: at N = 16 a 16-channel layer could not be slimmed at all, which
+    onnxruntime's padded blocked kernels (a 5-channel output costs a 16-channel one) would
+    otherwise call free. 1 when none does.
     """
     heavy = sorted(specs, key=table.lookup, reverse=True)[:ALIGN_LAYERS]
     best = 1
     for n in ALIGN_CANDIDATES:
-        if all(_free_rounding(table, spec, n, tolerance) for spec in heavy):
+        if all(n < spec["out"] and _free_rounding(table, spec, n, tolerance) for spec in heavy):
             best = n
     return best
 
 
 def _free_rounding(table: LatencyTable, spec: Spec, n: int, tolerance: float) -> bool:
-    """Whether every output count (up to twice the largest candidate) costs no less once
-    rounded up to a multiple of `n` (or the layer's full count)."""
+    """Whether every count (up to twice the largest candidate) costs no less once rounded
+    up to a multiple of `n` (or the layer's full count), in the layer that writes it and in
+    a like layer reading it (a residual block's inner conv feeds one of its own shape): a
+    count under the kernel's block may cost its producer no less yet its consumer less."""
+    sides = ["out", "in"] if spec.get("g", 1) == 1 else ["out"]
     for count in range(1, min(spec["out"], 2 * ALIGN_CANDIDATES[-1]) + 1):
         up = min(-(-count // n) * n, spec["out"])
-        if table.lookup(spec | {"out": up}) > (1 + tolerance) * table.lookup(spec | {"out": count}):
-            return False
+        for side in sides:
+            if table.lookup(spec | {side: up}) > (1 + tolerance) * table.lookup(
+                spec | {side: count}
+            ):
+                return False
     return True
 
 
@@ -250,9 +269,10 @@ def _hook(calls: list, fqn: str, size_of):
 
 
 class OrtLayerTimer:
-    """Times one layer shape as a single-node ONNX graph in onnxruntime (median of rounds)."""
+    """Times one layer shape as a single-node ONNX graph in onnxruntime (median of rounds),
+    on the process's CPU clock by default (see the module docstring)."""
 
-    def __init__(self, threads: int = THREADS, rounds: int = ROUNDS, clock=time.perf_counter):
+    def __init__(self, threads: int = THREADS, rounds: int = ROUNDS, clock=time.process_time):
         self.threads, self.rounds, self.clock = threads, rounds, clock
 
     def __call__(self, spec: Spec) -> float:
