@@ -8,9 +8,10 @@ several rounds) and cached as JSON under the user's cache directory, in a file w
 hashes the onnxruntime version, the CPU model and the thread count: a table measured on one
 machine is never read on another. The timer is injectable, so tests use a deterministic one.
 
-A layer is timed on the process's CPU clock, not the wall clock: an entry is cached for
-good, and one timed while other work shared the core would misprice its shape in every
-later budget. Beside a busy process on the same core, wall-clock entries came out 0.84-2.69x
+With one intra-op thread (the default) a layer is timed on the process's CPU clock, not
+the wall clock: an entry is cached for good, and one timed while other work shared the
+core would misprice its shape in every later budget (with more threads CPU time would add
+up their work, so the wall clock is used). Beside a busy process on the same core, wall-clock entries came out 0.84-2.69x
 their idle value (median 2x), CPU-clock ones 0.81-1.13x; idle, both clocks repeat within
 about 15 % (bench/RESULTS.md latency_noise). A table file of another TABLE_VERSION (1: the
 wall clock) is measured again.
@@ -270,10 +271,12 @@ def _hook(calls: list, fqn: str, size_of):
 
 class OrtLayerTimer:
     """Times one layer shape as a single-node ONNX graph in onnxruntime (median of rounds),
-    on the process's CPU clock by default (see the module docstring)."""
+    by default on the process's CPU clock with one intra-op thread (see the module
+    docstring) and on the wall clock with more, where CPU time adds up the threads' work."""
 
-    def __init__(self, threads: int = THREADS, rounds: int = ROUNDS, clock=time.process_time):
-        self.threads, self.rounds, self.clock = threads, rounds, clock
+    def __init__(self, threads: int = THREADS, rounds: int = ROUNDS, clock=None):
+        self.threads, self.rounds = threads, rounds
+        self.clock = clock or (time.process_time if threads == 1 else time.perf_counter)
 
     def __call__(self, spec: Spec) -> float:
         return self._time(*_single_layer_graph(spec))
