@@ -276,15 +276,7 @@ def test_refit_steps_past_a_fixed_graph_cost():
     """A graph whose ms are 40 % fixed (joins, activations) and 60 % table: one secant step
     lands 2x from the first try's 1.43x, where scaling the keep by measured / requested crept
     towards it (1.63x, 1.74x, 1.81x: still outside after 3 re-fits)."""
-    from types import SimpleNamespace
-
-    def attempt(table_budget):
-        report = {"method": "fake", "achieved": {"keep": table_budget.keep}}
-        return SimpleNamespace(report=report, model=table_budget.keep), None
-
-    def measure(dense, keep):
-        return {"dense": {"1": 1.0}, "pruned": {"1": 0.4 + 0.6 * keep}}
-
+    attempt, measure = _floored_attempt(), _graph(0.4, 0.6)
     result, _ = latency_check.measured_fit(attempt, Budget("latency", 0.5), 1.0, measure)
     rounds = result.report["latency"]["rounds"]
     assert [r["table_keep"] for r in rounds] == pytest.approx([0.5, 1 / 6])
@@ -305,12 +297,7 @@ def _scripted(speedups: list[float]):
 def test_a_stray_check_is_repeated_and_the_median_read():
     """A check that strays (2.5x where the graph measures 2.02x and 1.98x) is not a miss:
     the median of CHECKS checks is, and it lands 2x without a re-fit."""
-    from types import SimpleNamespace
-
-    def attempt(table_budget):
-        report = {"method": "fake", "achieved": {"keep": table_budget.keep}}
-        return SimpleNamespace(report=report, model=table_budget.keep), None
-
+    attempt = _floored_attempt()
     measure, calls = _scripted([2.5, 2.02, 1.98])
     result, _ = latency_check.measured_fit(attempt, Budget("latency", 0.5), 1.0, measure)
     latency = result.report["latency"]
@@ -363,8 +350,9 @@ def test_refit_stays_between_tries_on_either_side():
     assert 0.415 < keep < 0.5
 
 
-def _floored_attempt(floor: float):
-    """A fake method whose table cannot build a network below `floor` (its keep)."""
+def _floored_attempt(floor: float = 0.0):
+    """A fake method whose table cannot build a network below `floor` (its keep); the
+    model it returns is its table keep."""
     from types import SimpleNamespace
 
     from compressor.errors import BelowSmallestNetworkError
