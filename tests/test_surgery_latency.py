@@ -129,6 +129,15 @@ def test_a_table_timed_another_way_is_timed_again(tmp_path):
     assert again.table.measured == len(latency.table.entries)
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
+def test_a_damaged_table_file_is_timed_again(text, tmp_path):
+    (tmp_path / "table.json").write_text(text)
+    latency = _latency(_model("lenet5"), _x(), "tied", tmp_path)
+    assert latency.table.entries == {} and latency.dense() > 0
+    latency.table.save()
+    assert json.loads((tmp_path / "table.json").read_text())["version"] == TABLE_VERSION
+
+
 def test_the_layer_timer_reads_the_cpu_clock_by_default():
     """A busy neighbour on the core inflates the wall clock, not this process's CPU time
     (bench/RESULTS.md latency_noise); with several threads CPU time adds up their work."""

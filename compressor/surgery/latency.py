@@ -106,10 +106,9 @@ class LatencyTable:
         self.path = Path(path) if path is not None else cache_path(threads)
         self.entries: dict[str, float] = {}
         self.measured = 0  # shapes timed by this object (not found in the cache)
-        if self.path.exists():
-            stored = json.loads(self.path.read_text())
-            if stored.get("version") == TABLE_VERSION:  # else timed another way: again
-                self.entries = dict(stored.get("entries", {}))
+        stored = _read_table(self.path)
+        if stored.get("version") == TABLE_VERSION:  # else timed another way: again
+            self.entries = dict(stored.get("entries", {}))
 
     def lookup(self, spec: Spec) -> float:
         """The layer shape's milliseconds, timing it first when the table lacks it."""
@@ -137,6 +136,16 @@ class LatencyTable:
         partial = self.path.with_suffix(".json.partial")
         partial.write_text(text + "\n")
         partial.replace(self.path)
+
+
+def _read_table(path: Path) -> dict:
+    """The cached table file's contents; {} when it is missing or not a table (a cache: a
+    damaged one is timed again and overwritten, never an error)."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 class LatencyModel:
