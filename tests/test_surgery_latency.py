@@ -19,12 +19,12 @@ from compressor.surgery.latency import (
     LatencyModel,
     LatencyTable,
     OrtLayerTimer,
-    _single_layer_graph,
     cache_path,
     machine_id,
     rate_multiple,
     spec_key,
 )
+from compressor.surgery.latency_graphs import single_layer_graph
 from tests.test_surgery_cost import random_keep
 
 
@@ -189,7 +189,7 @@ def test_the_timed_single_layer_graph_is_the_layer(spec):
     import onnxruntime as ort
     from onnx import load_from_string, numpy_helper
 
-    graph, shape = _single_layer_graph(spec)
+    graph, shape = single_layer_graph(spec)
     weights = {
         t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
         for t in load_from_string(graph).graph.initializer

@@ -1,12 +1,20 @@
 """The cost engine's latency model: a per-layer lookup table measured on the runtime.
 
 A slimmed network's latency is predicted as the sum, over its Conv/Linear layers, of the
-time one such layer takes alone at its live widths: each distinct layer shape (op,
+time each takes at its live widths: each distinct layer shape (op,
 channels in and out, kernel, stride, padding, dilation, groups, input size) is timed once
 as a single-layer ONNX graph in onnxruntime (one intra-op thread by default, the median of
 several rounds) and cached as JSON under the user's cache directory, in a file whose name
 hashes the onnxruntime version, the CPU model and the thread count: a table measured on one
 machine is never read on another. The timer is injectable, so tests use a deterministic one.
+
+A conv that keeps its input's size is priced in context, not alone (`LatencyTable.lookup`,
+latency_graphs.py): alone, its graph pays onnxruntime's layout reorders at both ends and
+none of a chain's per-node dispatch, so the table priced a 16-channel 3x3 conv at 7x7,
+which stays on the blocked kernels, at 10 us where a chain runs it in 3.5, and one of 17
+channels, which falls off them, at 1.8x it where a chain runs it at 4.2x. Fitted in
+context, latency budgets on ResNet-20 met 24 of 24 rows over two runs against 20 of 24
+priced alone, with 32 re-fits against 54 (bench/RESULTS.md latency_budget, latency_context).
 
 With one intra-op thread (the default) a layer is timed on the process's CPU clock, not
 the wall clock: an entry is cached for good, and one timed while other work shared the
@@ -14,7 +22,7 @@ core would misprice its shape in every later budget (with more threads CPU time 
 up their work, so the wall clock is used). Beside a busy process on the same core, wall-clock entries came out 0.84-2.69x
 their idle value (median 2x), CPU-clock ones 0.81-1.13x; idle, both clocks repeat within
 about 15 % (bench/RESULTS.md latency_noise). A table file of another TABLE_VERSION (1: the
-wall clock) is measured again.
+wall clock; 2: every layer priced alone) is measured again.
 
 Every run of a graph also pays a fixed cost (the session call, copying the input and
 output) that each one-layer timing includes: it is timed once (an Identity graph), taken out
@@ -39,17 +47,25 @@ from torch import nn
 
 from compressor.masks import PRUNABLE_TYPES
 from compressor.surgery.cost import CostModel
+from compressor.surgery.latency_graphs import (
+    CHAIN_PAIRS,
+    chainable,
+    pair_chain_graph,
+    reverse,
+    single_layer_graph,
+)
 
 THREADS = 1  # intra-op threads: comparable across machines, independent of free cores
 ROUNDS = 5  # timed samples per layer shape; the median is kept
 MIN_SAMPLE_S = 0.005  # one sample repeats the layer until it lasts this long (timer noise)
 MAX_REPEATS = 1000
-TABLE_VERSION = 2  # 2: timed on the CPU clock
+TABLE_VERSION = 3  # 2: timed on the CPU clock; 3: convs priced in pair chains
 ALIGN_CANDIDATES = (2, 4, 8, 16, 32)  # channel multiples SIMD kernels block by
 ALIGN_LAYERS = 3  # the slowest layer shapes that decide the multiple
 ALIGN_TOLERANCE = 0.05  # rounding up "costs no time" within this (timer noise)
 
 OVERHEAD_KEY = "overhead"  # the table's entry for the fixed cost of one graph run
+PAIR_PREFIX = "pair "  # a pair chain's entry: "pair " + the spec_key of its narrower-input conv
 Spec = dict  # one layer shape: see `layer_spec`
 Timer = Callable[[Spec], float]  # milliseconds of one run of a single-layer graph
 
@@ -111,7 +127,30 @@ class LatencyTable:
             self.entries = dict(stored.get("entries", {}))
 
     def lookup(self, spec: Spec) -> float:
-        """The layer shape's milliseconds, timing it first when the table lacks it."""
+        """The layer shape's milliseconds in a network, timing what the table lacks.
+
+        A conv that can follow its own reverse (`latency_graphs.chainable`) is priced in
+        context when the timer times pair chains (`pair`): the pair's cost among neighbours
+        of its widths, shared between the two convs as they time alone. Other layers, and
+        every layer under a timer without `pair` (a fake one), are priced as timed alone.
+        """
+        alone = self.alone(spec)
+        pair = getattr(self.timer, "pair", None)
+        if pair is None or not chainable(spec):
+            return alone
+        back = reverse(spec)
+        first = spec if spec["in"] <= spec["out"] else back  # one chain for the two
+        key = PAIR_PREFIX + spec_key(first)
+        if key not in self.entries:
+            self.entries[key] = max(0.0, float(pair(first)))
+            self.measured += 1
+        base = self.overhead()
+        own, other = max(0.0, alone - base), max(0.0, self.alone(back) - base)
+        share = own / (own + other) if own + other > 0 else 0.5
+        return base + self.entries[key] * share
+
+    def alone(self, spec: Spec) -> float:
+        """The milliseconds of the layer shape's own one-layer graph (timed once, cached)."""
         key = spec_key(spec)
         if key not in self.entries:
             self.entries[key] = float(self.timer(spec))
@@ -288,7 +327,12 @@ class OrtLayerTimer:
         self.clock = clock or (time.process_time if threads == 1 else time.perf_counter)
 
     def __call__(self, spec: Spec) -> float:
-        return self._time(*_single_layer_graph(spec))
+        return self._time(*single_layer_graph(spec))
+
+    def pair(self, spec: Spec) -> float:
+        """Milliseconds one more pair (`spec`, its reverse) adds to a chain of them."""
+        few, many = (self._time(*pair_chain_graph(spec, n)) for n in CHAIN_PAIRS)
+        return (many - few) / (CHAIN_PAIRS[1] - CHAIN_PAIRS[0])
 
     def overhead(self) -> float:
         """Milliseconds of one run of an Identity graph: what every run costs."""
@@ -322,41 +366,3 @@ class OrtLayerTimer:
                 session.run(None, feed)
             samples.append((self.clock() - start) * 1000.0 / repeats)
         return statistics.median(samples)
-
-
-def _single_layer_graph(spec: Spec) -> tuple[bytes, list[int]]:
-    """A serialized one-node ONNX model of `spec` (random weights) and its input's shape."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    if spec["op"] == "linear":
-        x_shape, w_shape = [spec["tokens"], spec["in"]], [spec["out"], spec["in"]]
-        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
-    else:
-        x_shape = [1, spec["in"], *spec["hw"]]
-        w_shape = [spec["out"], spec["in"] // spec["g"], *spec["k"]]
-        node = helper.make_node(
-            "Conv",
-            ["x", "w", "b"],
-            ["y"],
-            kernel_shape=spec["k"],
-            strides=spec["s"],
-            pads=list(spec["p"]) * 2,
-            dilations=spec["d"],
-            group=spec["g"],
-        )
-    weights = [
-        numpy_helper.from_array(rng.standard_normal(w_shape, dtype=np.float32), "w"),
-        numpy_helper.from_array(rng.standard_normal(spec["out"], dtype=np.float32), "b"),
-    ]
-    graph = helper.make_graph(
-        [node],
-        "layer",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        weights,
-    )
-    # IR 8 / opset 17: what every onnxruntime since 1.14 reads
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    return model.SerializeToString(), x_shape

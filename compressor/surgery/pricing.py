@@ -58,6 +58,11 @@ class ProgressTimer:
             sys.stderr.flush()
         return self.timer(spec)
 
+    def pair(self, spec: Spec) -> float:
+        """The wrapped timer's pair-chain cost (surgery/latency.py `LatencyTable.lookup`)."""
+        self.count += 1
+        return self.timer.pair(spec)
+
     def overhead(self) -> float:
         """The wrapped timer's fixed cost of one graph run."""
         return self.timer.overhead()
