@@ -52,16 +52,19 @@ class ProgressTimer:
         self.timer, self.count = timer, 0
 
     def __call__(self, spec: Spec) -> float:
-        self.count += 1
-        if show_progress():  # first use on a machine times a few hundred shapes (README)
-            sys.stderr.write(f"\rlatency table: timing layer shape {self.count} in onnxruntime")
-            sys.stderr.flush()
+        self._tick()
         return self.timer(spec)
 
     def pair(self, spec: Spec) -> float:
         """The wrapped timer's pair-chain cost (surgery/latency.py `LatencyTable.lookup`)."""
-        self.count += 1
+        self._tick()
         return self.timer.pair(spec)
+
+    def _tick(self) -> None:
+        self.count += 1
+        if show_progress():  # first use on a machine times a few hundred shapes (README)
+            sys.stderr.write(f"\rlatency table: timing layer shape {self.count} in onnxruntime")
+            sys.stderr.flush()
 
     def overhead(self) -> float:
         """The wrapped timer's fixed cost of one graph run."""
