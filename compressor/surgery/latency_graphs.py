@@ -33,7 +33,7 @@ def reverse(spec: Spec) -> Spec:
 def single_layer_graph(spec: Spec) -> tuple[bytes, list[int]]:
     """A serialized one-node ONNX model of `spec` (random weights) and its input's shape."""
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     rng = np.random.default_rng(0)
     if spec["op"] == "linear":
@@ -43,35 +43,35 @@ def single_layer_graph(spec: Spec) -> tuple[bytes, list[int]]:
         x_shape = [1, spec["in"], *spec["hw"]]
         w_shape = [spec["out"], spec["in"] // spec["g"], *spec["k"]]
         node = _conv(spec, "x", "w", "b", "y")
-    weights = [
-        numpy_helper.from_array(rng.standard_normal(w_shape, dtype=np.float32), "w"),
-        numpy_helper.from_array(rng.standard_normal(spec["out"], dtype=np.float32), "b"),
-    ]
-    return _model([node], weights, x_shape), x_shape
+    return _model([node], _weights(rng, w_shape, "w", "b"), x_shape), x_shape
 
 
 def pair_chain_graph(spec: Spec, pairs: int) -> tuple[bytes, list[int]]:
     """`pairs` times conv `spec` -> ReLU -> conv `reverse(spec)` -> ReLU, serialized, and
     its input's shape (`spec` must be `chainable`)."""
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     rng = np.random.default_rng(0)
     nodes, weights, previous = [], [], "x"
     for i in range(2 * pairs):
         layer = spec if i % 2 == 0 else reverse(spec)
-        shape = [layer["out"], layer["in"], *layer["k"]]
-        weights.append(
-            numpy_helper.from_array(rng.standard_normal(shape, dtype=np.float32), f"w{i}")
-        )
-        weights.append(
-            numpy_helper.from_array(rng.standard_normal(layer["out"], dtype=np.float32), f"b{i}")
-        )
+        weights += _weights(rng, [layer["out"], layer["in"], *layer["k"]], f"w{i}", f"b{i}")
         nodes.append(_conv(layer, previous, f"w{i}", f"b{i}", f"c{i}"))
         previous = "y" if i == 2 * pairs - 1 else f"r{i}"
         nodes.append(helper.make_node("Relu", [f"c{i}"], [previous]))
     x_shape = [1, spec["in"], *spec["hw"]]
     return _model(nodes, weights, x_shape), x_shape
+
+
+def _weights(rng, w_shape: list[int], w: str, b: str) -> list:
+    """Random initializers `w` of `w_shape` and bias `b` of its first dimension."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    weight = rng.standard_normal(w_shape, dtype=np.float32)
+    bias = rng.standard_normal(w_shape[0], dtype=np.float32)
+    return [numpy_helper.from_array(weight, w), numpy_helper.from_array(bias, b)]
 
 
 def _conv(spec: Spec, x: str, w: str, b: str, y: str):
