@@ -122,6 +122,7 @@ class LatencyTable:
         self.path = Path(path) if path is not None else cache_path(threads)
         self.entries: dict[str, float] = {}
         self.measured = 0  # shapes timed by this object (not found in the cache)
+        self._priced: dict[str, float] = {}  # lookup()'s answers, from `entries`
         stored = _read_table(self.path)
         if stored.get("version") == TABLE_VERSION:  # else timed another way: again
             self.entries = dict(stored.get("entries", {}))
@@ -134,6 +135,12 @@ class LatencyTable:
         of its widths, shared between the two convs as they time alone. Other layers, and
         every layer under a timer without `pair` (a fake one), are priced as timed alone.
         """
+        key = spec_key(spec)
+        if key not in self._priced:  # the fitter asks thousands of times per budget
+            self._priced[key] = self._price(spec)
+        return self._priced[key]
+
+    def _price(self, spec: Spec) -> float:
         alone = self.alone(spec)
         pair = getattr(self.timer, "pair", None)
         if pair is None or not chainable(spec):
