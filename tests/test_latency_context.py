@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from compressor.surgery.latency import LatencyTable, OrtLayerTimer
 from compressor.surgery.latency_graphs import chainable, pair_chain_graph, reverse
-from tests.test_surgery_latency import FakeTimer
+from tests.test_surgery_latency import FakeTimer, run_graph
 
 CONV = {"op": "conv2d", "in": 4, "out": 8, "k": [3, 3], "s": [1, 1], "p": [1, 1]}
 CONV |= {"d": [1, 1], "g": 1, "hw": [8, 8]}
@@ -37,16 +36,7 @@ class PairTimer(FakeTimer):
 
 
 def test_the_pair_chain_graph_is_the_conv_and_its_reverse_alternating():
-    import onnxruntime as ort
-    from onnx import load_from_string, numpy_helper
-
-    graph, shape = pair_chain_graph(CONV, 2)
-    weights = {
-        t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
-        for t in load_from_string(graph).graph.initializer
-    }
-    x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
-    got = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    weights, x, got = run_graph(*pair_chain_graph(CONV, 2))
     want = torch.from_numpy(x)
     for i in range(4):
         want = torch.relu(

@@ -186,16 +186,7 @@ def test_the_cache_file_is_keyed_by_runtime_cpu_and_threads(tmp_path, monkeypatc
     ],
 )
 def test_the_timed_single_layer_graph_is_the_layer(spec):
-    import onnxruntime as ort
-    from onnx import load_from_string, numpy_helper
-
-    graph, shape = single_layer_graph(spec)
-    weights = {
-        t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
-        for t in load_from_string(graph).graph.initializer
-    }
-    x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
-    got = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    weights, x, got = run_graph(*single_layer_graph(spec))
     if spec["op"] == "linear":
         want = torch.nn.functional.linear(torch.from_numpy(x), weights["w"], weights["b"])
     else:
@@ -209,6 +200,20 @@ def test_the_timed_single_layer_graph_is_the_layer(spec):
             spec["g"],
         )
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+
+
+def run_graph(graph: bytes, shape: list[int]):
+    """(weights by name, input, output) of a timed graph run once in onnxruntime."""
+    import onnxruntime as ort
+    from onnx import load_from_string, numpy_helper
+
+    weights = {
+        t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
+        for t in load_from_string(graph).graph.initializer
+    }
+    x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
+    got = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return weights, x, got
 
 
 def test_the_layer_timer_takes_the_median_of_rounds_on_its_clock():
