@@ -43,6 +43,7 @@ CATALOG_JSON = r"""
         "finetune_epochs=5",
         "lowlr_fraction=0.2",
         "lowlr_factor=0.1",
+        "freeze_weights=True",
         "lr=0.01",
         "momentum=0.9",
         "weight_decay=0.0005",

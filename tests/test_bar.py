@@ -170,6 +170,28 @@ def test_tied_mode_meets_the_budget_with_equal_stream_channels(small_digits):
     assert 0.99 * 0.25 <= result.report["achieved"]["keep"] <= 0.25
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_gate_phase_trains_the_weights_only_when_asked(freeze, small_digits):
+    """freeze_weights (the default): phase 1 moves the gates alone, so with no fine-tuning
+    every kept stem filter is a dense one, bit for bit; without it the filters train."""
+    model = _model("resnet20")
+    result = prune(
+        model,
+        "bar",
+        "2x",
+        small_digits,
+        epochs=1,
+        finetune_epochs=0,
+        residual="tied",
+        freeze_weights=freeze,
+    )
+    dense, kept = model.stem[0].weight.flatten(1), result.model.stem[0].weight.flatten(1)
+    nearest = torch.cdist(kept, dense).min(dim=1).values
+    assert result.report["config"]["freeze_weights"] is freeze
+    assert bool((nearest == 0).all()) is freeze
+    assert freeze or bool((nearest > 1e-4).all())
+
+
 def test_budget_below_the_smallest_network_is_refused():
     method = Bar(_model("resnet20"), Budget("volume", 1 / 100))
     method.prepare(_x())
