@@ -37,9 +37,10 @@ Choices of ours, where METHODS.md is silent or we depart from it:
   values (lr 0) while the gates learn, where the paper trains both. Why, measured on
   ResNet-20 (Fashion-MNIST 5k, 3.7x FLOPs, medians of 2 seeds, bench.bar_short): tied
   streams +3.4 / +1.5 / +1.3 top-1 points at 2+1 / 1+2 / 4+4 epochs, mixed -2.1 / +0.4 /
-  +2.4; weights that train under sampled gates drift further than the fine-tuning recovers. On a trained LeNet-5 (bench.bar_freeze, 2x and 4x FLOPs)
-  +1.5 to +1.7 at 3+2, level at 1+1 and 1+3; training both wins where the model is far from
-  trained and phase 1 is a few steps (a 2-epoch LeNet-5 at 1+1 / 1+3: 3-16 points).
+  +2.4; weights that train under sampled gates drift further than the fine-tuning
+  recovers. On a trained LeNet-5 (bench.bar_freeze, 2x and 4x FLOPs) +1.5 to +1.7 at 3+2,
+  level at 1+1 and 1+3; training both wins where the model is far from trained and phase
+  1 is a few steps (a 2-epoch LeNet-5 at 1+1 / 1+3: 3-16 points).
 * Phases 2 and 3 train the slimmed network, which computes exactly what the network with
   frozen gates computes (the gates are folded into the norms) at a fraction of the cost;
   BatchNorm statistics are re-estimated after slimming.
