@@ -1,14 +1,16 @@
 """Where BAR's accuracy goes at a short schedule: BAR-tied against Torch-Pruning and
 channel-magnitude at one FLOP cut, with the schedule's parts varied.
 
-    .venv/bin/python -m bench.bar_short [--seeds 0,1] [--variants a,b]   # ~40 s a run, 2 min at 8 epochs
+    .venv/bin/python -m bench.bar_short [--seeds 0,1] [--variants a,b]
+    # ~40 s a run, 2 min at 8 epochs, on an idle 2-core machine
 
 ResNet-20 on Fashion-MNIST (5k training images, the dense model of `bench.latency
 --reduced`), every row pruned to the same FLOP cut (3.68x, what BAR-tied took at the 2x
 latency budget there) at round_to 8 and trained 3 epochs after pruning starts, as in that
 benchmark (8 in the longer rows). Rows vary BAR's split between gate epochs and fine-tuning
-epochs and whether the weights train while the gates learn (`freeze_weights`); a "+0" row is the network right after the decision
-(BatchNorm re-estimated, no fine-tuning). Writes the RESULTS.md section bar_short.
+epochs and whether the weights train while the gates learn (`freeze_weights`); a "+0" row
+is the network right after the decision (BatchNorm re-estimated, no fine-tuning). Writes
+the RESULTS.md section bar_short (or `--section`).
 """
 
 from __future__ import annotations
@@ -83,16 +85,9 @@ def build(name: str, dense, data, seed: int) -> torch.nn.Module:
     options = options | fixed | {"round_to": ALIGN}
     if row == "channel-magnitude" and not options["finetune_epochs"]:
         options["bn_batches"] = 100
-    result = lm.prune(
-        dense,
-        lm.OURS[row][0],
-        Budget("flops", 1 / FACTOR),
-        data,
-        seed=seed,
-        **(lm.OURS[row][1] | options),
-    )
+    result = lm.prune_ours(row, dense, data, Budget("flops", 1 / FACTOR), options, seed=seed)
     print("  ", result.report.get("budget_step", {}).get("note", ""), flush=True)
-    return result.model.eval()
+    return result.model
 
 
 def command(args) -> str:
@@ -115,11 +110,11 @@ def main() -> None:
     x = data.sample_inputs(1)
     dense_flops = measure(dense, x).flops
     top = round(100 * evaluate(dense, data.test), 2)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     rows = []
     for name in args.variants.split(","):
         accs, flops, shapes = [], [], []
         start = time.perf_counter()
-        seeds = list(map(int, args.seeds.split(",")))
         # channel-magnitude and Torch-Pruning do not draw on the seed: one run says it all
         for seed in seeds if VARIANTS[name][0].startswith("BAR") else seeds[:1]:
             model = build(name, dense, data, seed)
@@ -141,7 +136,8 @@ def main() -> None:
         f"top-1 {top} % (8 epochs, 5k training images); every row asks for "
         f"{FACTOR}x FLOPs (Torch-Pruning: its uniform ratio for it, which cuts more), round_to "
         f"{ALIGN}, tied channels (*bar-mixed*: BAR's default mixed residual streams, whose "
-        "*stream* width is the stage's first block's output); *a+b*: gate (or pruning) epochs + fine-tuning epochs; BAR's "
+        "*stream* width is the stage's first block's output); *a+b*: gate (or pruning) "
+        "epochs + fine-tuning epochs; BAR's "
         "*joint* rows train the weights with the gates in phase 1 (the paper, "
         "`freeze_weights=False`), its other rows keep them fixed (the default); *widths*: "
         "live channels of each block's inner conv, then each stage's residual stream; top-1 "

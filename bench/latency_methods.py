@@ -84,9 +84,10 @@ def schedule(name: str, epochs: int, probe: bool) -> dict:
 
 def prune_ours(name: str, dense: nn.Module, data, budget: Budget, options: dict, **extra):
     """One of OURS pruned to `budget` through compressor.prune (its own schedule): the
-    Result, its model in eval mode. `extra` goes to prune() (e.g. `measure_latency`)."""
+    Result, its model in eval mode. `options` may override the row's fixed ones (e.g. a
+    tied channel-magnitude row); `extra` goes to prune() (e.g. `measure_latency`)."""
     method, fixed = OURS[name]
-    result = prune(dense, method, budget, data, **fixed, **options, **extra)
+    result = prune(dense, method, budget, data, **(fixed | options), **extra)
     result.model.eval()
     return result
 
