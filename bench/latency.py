@@ -60,7 +60,7 @@ class Setup:
     limit: int | None = 10000  # training images (the test set is the full 10k)
     probe_limit: int = 2000  # training images a probe's short schedule sees
     dense_epochs: int = 10
-    epochs: int = 5  # every method after pruning starts (BAR 3 + 2, as bench.bar)
+    epochs: int = 5  # every method after pruning starts (BAR 2 + 3, GSS 3 + 2)
     probe_rounds: int = 7  # timed rounds per probe
     rounds: int = 15  # timed rounds of a row's final measurement
     probe_steps: int = 6  # most probes per row
