@@ -70,7 +70,7 @@ def resolve(method: str, options: dict, method_opts: dict):
     from compressor.methods import get_method
 
     cls = get_method(method)
-    config = _parse_settings(options["settings"], cls) | _method_flags(method_opts, cls)
+    config = parse_settings(options["settings"], cls) | _method_flags(method_opts, cls)
     config |= {"exclude": tuple(options["exclude"])} if options["exclude"] else {}
     if options["task_output"] is not None:
         config["output"] = options["task_output"]
@@ -189,7 +189,7 @@ def _method_flags(values: dict, cls) -> dict:
     return given
 
 
-def _parse_settings(settings: tuple[str, ...], cls) -> dict:
+def parse_settings(settings: tuple[str, ...], cls) -> dict:
     fields = {f.name: f for f in dataclasses.fields(cls.Config)}
     out = {}
     for item in settings:
@@ -200,8 +200,24 @@ def _parse_settings(settings: tuple[str, ...], cls) -> dict:
                 f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}",
                 param_hint="--set",
             )
-        out[key] = _coerce(raw.strip(), fields[key].default, key)
+        optional = fields[key].default is None
+        if optional and raw.strip().lower() == "none":
+            out[key] = None  # an optional field back to its automatic value
+        else:
+            out[key] = _coerce(raw.strip(), _typed_default(fields[key]), key)
     return out
+
+
+def _typed_default(field: dataclasses.Field):
+    """The field's default, or for an optional number (`int | None = None`) a zero of that
+    type, so `--set round_to=8` parses as the int it names."""
+    if field.default is None:
+        kind = str(field.type).split("|")[0].strip()
+        return {"int": 0, "float": 0.0}.get(kind)
+    return field.default
+
+
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number"}
 
 
 def _coerce(raw: str, default, key: str):
@@ -218,6 +234,6 @@ def _coerce(raw: str, default, key: str):
             return tuple(v for v in raw.split(",") if v)
     except ValueError:
         raise click.BadParameter(
-            f"{key}={raw!r} is not a {type(default).__name__}", param_hint="--set"
+            f"{key}={raw!r} is not {_KINDS.get(type(default), 'valid')}", param_hint="--set"
         ) from None
     return raw

@@ -77,6 +77,18 @@ BAD_PRUNE = [
         "steps=3",
     ),
     (
+        "--set not a number",
+        ["--method", "bar", "--budget", "2x", "--set", "round_to=eight"],
+        2,
+        "round_to='eight' is not a whole number",
+    ),
+    (
+        "--set not a bool",
+        ["--method", "bar", "--budget", "2x", "--set", "freeze_weights=maybe"],
+        2,
+        "freeze_weights='maybe' is not true or false",
+    ),
+    (
         "foreign flag",
         ["--method", "magnitude-global", "--sparsity", "0.5", "--steps", "3"],
         2,
@@ -96,6 +108,15 @@ def test_prune_bad_input(run, model_path, tmp_path, name, args, code, fragment):
     assert "Traceback" not in result.output
     assert file_digest(model_path) == digest
     assert not (tmp_path / "out.pt2").exists()
+
+
+def test_set_parses_optional_numbers_by_their_type():
+    from cli.prune_steps import parse_settings
+    from compressor.methods import get_method
+
+    bar = get_method("bar")
+    assert parse_settings(("round_to=8", "lr=0.02"), bar) == {"round_to": 8, "lr": 0.02}
+    assert parse_settings(("round_to=none",), bar) == {"round_to": None}
 
 
 @pytest.mark.parametrize(
