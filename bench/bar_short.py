@@ -23,7 +23,9 @@ import torch
 
 from bench import latency_methods as lm
 from bench.common import dense_baseline, machine, markdown_table, write_section
+from cli.prune_steps import parse_settings
 from compressor.budget import Budget
+from compressor.methods import get_method
 from compressor.stats import measure
 from compressor.train import evaluate
 
@@ -73,7 +75,8 @@ def widths(model: torch.nn.Module) -> str:
     return f"inner {' '.join(map(str, inner))}; stream {' '.join(map(str, stream))}"
 
 
-def build(name: str, dense, data, seed: int) -> torch.nn.Module:
+def build(name: str, dense, data, seed: int, settings: dict) -> torch.nn.Module:
+    """Row `name`'s pruned, fine-tuned model; `settings` (--set) go to every BAR row."""
     row, options = VARIANTS[name]
     torch.manual_seed(seed)
     if row == lm.TP:
@@ -82,7 +85,7 @@ def build(name: str, dense, data, seed: int) -> torch.nn.Module:
             lm.finetune_tp_(model, dense, data, options["finetune_epochs"])
         return model.eval()
     fixed = {"residual": "tied"} if row == "channel-magnitude" else {}
-    options = options | fixed | {"round_to": ALIGN}
+    options = options | fixed | {"round_to": ALIGN} | (settings if row.startswith("BAR") else {})
     if row == "channel-magnitude" and not options["finetune_epochs"]:
         options["bn_batches"] = 100
     result = lm.prune_ours(row, dense, data, Budget("flops", 1 / FACTOR), options, seed=seed)
@@ -95,6 +98,7 @@ def command(args) -> str:
     line = f"--seeds {args.seeds}"
     if args.variants != ",".join(DEFAULT):
         line += f' --variants "{args.variants}"'
+    line += "".join(f" --set {item}" for item in args.set)
     return line + ("" if args.section == "bar_short" else f" --section {args.section}")
 
 
@@ -103,7 +107,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--variants", default=",".join(DEFAULT))
     parser.add_argument("--section", default="bar_short", help="RESULTS.md section to write")
+    parser.add_argument(
+        "--set", action="append", default=[], help="name=value for every BAR row's config"
+    )
     args = parser.parse_args()
+    settings = parse_settings(tuple(args.set), get_method("bar"))
     torch.set_num_threads(2)
     dense, data = dense_baseline("resnet20", "fashion-mnist", epochs=8, limit=5000)
     dense.eval()
@@ -117,7 +125,7 @@ def main() -> None:
         start = time.perf_counter()
         # channel-magnitude and Torch-Pruning do not draw on the seed: one run says it all
         for seed in seeds if VARIANTS[name][0].startswith("BAR") else seeds[:1]:
-            model = build(name, dense, data, seed)
+            model = build(name, dense, data, seed, settings)
             accs.append(100 * evaluate(model, data.test))
             flops.append(dense_flops / measure(model, x).flops)
             shapes.append(widths(model))
