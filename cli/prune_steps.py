@@ -209,11 +209,11 @@ def parse_settings(settings: tuple[str, ...], cls) -> dict:
 
 
 def _typed_default(field: dataclasses.Field):
-    """The field's default, or for an optional number (`int | None = None`) a zero of that
-    type, so `--set round_to=8` parses as the int it names."""
+    """The field's default, or for an optional field (`int | None = None`) a plain value of
+    its type, so `--set round_to=8` parses as the int it names."""
     if field.default is None:
         kind = str(field.type).split("|")[0].strip()
-        return {"int": 0, "float": 0.0}.get(kind)
+        return {"int": 0, "float": 0.0, "bool": False}.get(kind)
     return field.default
 
 

@@ -44,6 +44,7 @@ CATALOG_JSON = r"""
         "lowlr_fraction=0.2",
         "lowlr_factor=0.1",
         "freeze_weights=True",
+        "fold_gates=None",
         "lr=0.01",
         "momentum=0.9",
         "weight_decay=0.0005",

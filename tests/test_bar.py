@@ -192,6 +192,23 @@ def test_gate_phase_trains_the_weights_only_when_asked(freeze, small_digits):
     assert freeze or bool((nearest > 1e-4).all())
 
 
+@pytest.mark.parametrize("fold", [None, True])
+def test_fixed_weights_keep_their_channels_at_gate_one_unless_folding_is_asked(fold, small_digits):
+    """With the weights fixed (default) a kept channel enters at gate 1: its norm's affine
+    weight is the dense one; fold_gates=True folds each test gate value (< 1 here) into it."""
+    model = _model("resnet20")
+    options = {"epochs": 1, "finetune_epochs": 0, "residual": "tied", "fold_gates": fold}
+    result = prune(model, "bar", "2x", small_digits, **options)
+    dense, kept = model.stem[0].weight.flatten(1), result.model.stem[0].weight.flatten(1)
+    index = torch.cdist(kept, dense).argmin(dim=1)  # the dense channel each kept one is
+    scale = result.model.stem[1].weight / model.stem[1].weight[index]
+    assert result.report["config"]["fold_gates"] is (fold is True)
+    if fold is None:
+        assert torch.equal(scale, torch.ones_like(scale))
+    else:
+        assert bool((scale <= 1).all()) and bool((scale < 0.99).any())
+
+
 def test_budget_below_the_smallest_network_is_refused():
     method = Bar(_model("resnet20"), Budget("volume", 1 / 100))
     method.prepare(_x())
@@ -235,8 +252,8 @@ def _randomize_gates_(method: Bar, seed: int) -> None:
             unit.log_alpha.copy_(torch.randn(unit.size, generator=generator) * 3 + 1)
 
 
-def _gated(arch: str, residual: str, metric: str, keep: float, seed: int = 5) -> Bar:
-    method = Bar(_model(arch), Budget(metric, keep), residual=residual)
+def _gated(arch: str, residual: str, metric: str, keep: float, seed: int = 5, **config) -> Bar:
+    method = Bar(_model(arch), Budget(metric, keep), residual=residual, **config)
     method.prepare(_x())
     _randomize_gates_(method, seed)
     return method
@@ -247,22 +264,33 @@ def _hooks(model: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize(
-    ("arch", "residual"), [("resnet20", "mixed"), ("resnet20", "tied"), ("mobilenetv2", "mixed")]
+    ("arch", "residual", "fold"),
+    [
+        ("resnet20", "mixed", True),
+        ("resnet20", "tied", True),
+        ("mobilenetv2", "mixed", True),
+        ("resnet20", "mixed", None),  # the default with fixed weights: kept gates at 1
+    ],
 )
-def test_slimmed_equals_gated_at_test_time(arch, residual):
+def test_slimmed_equals_gated_at_test_time(arch, residual, fold):
     probe = _gated(arch, residual, "volume", 0.5)
     learned = probe.cost_of(probe.learned_masks()) / probe.dense_cost
-    method = _gated(arch, residual, "volume", learned)  # a budget the gates meet as they are
+    # a budget the gates meet as they are
+    method = _gated(arch, residual, "volume", learned, fold_gates=fold)
     x = _x(8)
     method.model.eval()
     gated = method.model(x)
     method.decide()
     assert method.adjustment.removed == method.adjustment.restored == 0
-    for unit in method.gates.units:  # frozen at the deterministic test values
-        z = hard_concrete_test(unit.log_alpha, GAMMA, ZETA)
-        assert torch.equal(unit.frozen[~unit.fixed], z.detach()[~unit.fixed])
+    for unit in method.gates.units:  # frozen at the deterministic test values (or 1)
+        z = hard_concrete_test(unit.log_alpha, GAMMA, ZETA).detach()
+        expected = z if fold else (z > 0).float()
+        assert torch.equal(unit.frozen[~unit.fixed], expected[~unit.fixed])
     assert any(bool((u.frozen == 0).any()) for u in method.gates.units)
-    assert any(bool(((u.frozen > 0) & (u.frozen < 1)).any()) for u in method.gates.units)
+    halfway = any(bool(((u.frozen > 0) & (u.frozen < 1)).any()) for u in method.gates.units)
+    assert halfway is bool(fold)
+    if not fold:
+        gated = method.model(x)  # the gated model with the kept gates at 1
     result = method.finalize()
     torch.testing.assert_close(result.model.eval()(x), gated.detach(), rtol=1e-5, atol=1e-5)
     assert _hooks(method.model) == 0 and _hooks(result.model) == 0

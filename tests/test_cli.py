@@ -117,6 +117,7 @@ def test_set_parses_optional_numbers_by_their_type():
     bar = get_method("bar")
     assert parse_settings(("round_to=8", "lr=0.02"), bar) == {"round_to": 8, "lr": 0.02}
     assert parse_settings(("round_to=none",), bar) == {"round_to": None}
+    assert parse_settings(("fold_gates=false",), bar) == {"fold_gates": False}
 
 
 @pytest.mark.parametrize(

@@ -34,15 +34,18 @@ Choices of ours, where METHODS.md is silent or we depart from it:
   simply "within 1 %": the 1 % of issue 7, tightened to DESIGN.md's promise that the
   achieved keep fraction is within 0.5 % (of V0) of the request, which prune() checks.
 * Phase 1 trains the gates alone (`freeze_weights`): the weights keep the trained model's
-  values (lr 0) while the gates learn, where the paper trains both. Why, measured on
-  ResNet-20 (Fashion-MNIST 5k, 3.7x FLOPs, medians of 2 seeds, bench.bar_short): tied
-  streams +3.4 / +1.5 / +1.3 top-1 points at 2+1 / 1+2 / 4+4 epochs, mixed -2.1 / +0.4 /
-  +2.4; weights that train under sampled gates drift further than the fine-tuning
-  recovers. On a trained LeNet-5 (bench.bar_freeze, 2x and 4x FLOPs) +1.5 to +1.7 at 3+2,
-  level at 1+1 and 1+3; training both wins where the model is far from trained and phase
-  1 is a few steps (a 2-epoch LeNet-5 at 1+1 / 1+3: 3-16 points).
+  values (lr 0), where the paper trains both. Why (bench.bar_short: ResNet-20, 3.7x FLOPs,
+  2 seeds): tied +3.4 / +1.5 / +1.3 top-1 points at 2+1 / 1+2 / 4+4 epochs, mixed -2.1 /
+  +0.4 / +2.4; weights trained under sampled gates drift further than fine-tuning recovers.
+  LeNet-5 (bench.bar_freeze): +1.5 to +1.7 at 3+2, level at 1+1 and 1+3; training both
+  wins for a model far from trained with a phase 1 of a few steps (3-16 points).
+* With fixed weights a kept channel enters the slimmed network as trained, at gate 1
+  (`fold_gates`), where the paper folds its test gate value into its norm (below 1 until
+  log alpha passes ln 11; it starts at 0). Why: fixed weights never learned those scales.
+  ResNet-20 (bench.bar_short, 3.7x FLOPs): +2.0 / +2.8 points tied / mixed at 1+2 (3
+  seeds, each ahead), +0.3 / +0.4 at 4+4 (2 seeds). Weights trained with the gates: folded.
 * Phases 2 and 3 train the slimmed network, which computes exactly what the network with
-  frozen gates computes (the gates are folded into the norms) at a fraction of the cost;
+  frozen gates computes (gate values folded into the norms) at a fraction of the cost;
   BatchNorm statistics are re-estimated after slimming.
 * For the FLOP metric a channel's A_l is its dense MACs in its producers plus its consumers
   (shared among a mixed stream's producers).
@@ -148,6 +151,7 @@ class BarConfig(MethodConfig):
     lowlr_fraction: float = 0.2  # phase 3's share of phases 2 + 3: paper 10 of 40 + 10 epochs
     lowlr_factor: float = 0.1  # phase 3 "lowers the learning rate": the usual 10x step
     freeze_weights: bool = True  # phase 1 trains the gates alone (ours; the paper: both)
+    fold_gates: bool | None = None  # gate values folded (paper) or 1; None: not freeze_weights
     # Weights: SGD momentum 0.9, wd 5e-4 (paper's CIFAR setup). We start from a trained
     # model, so a fine-tuning lr (a tenth of the usual 0.1), constant until phase 3.
     lr: float = 0.01
@@ -191,6 +195,8 @@ class Bar(Method):
             raise InputError("epochs and finetune_epochs must be >= 0")
         check_round_to(self.config.round_to)
         self.round_to = self.config.round_to  # the one used: set by decide()
+        fold = self.config.fold_gates
+        self.fold = not self.config.freeze_weights if fold is None else fold
         self.example: tuple | None = None
         self.gates: Gates | None = None
         self.masks: list[torch.Tensor] | None = None
@@ -289,7 +295,9 @@ class Bar(Method):
         keep = keep_dict(self.gates.units, [m.cpu() for m in self.masks])
         tied = self.costs.predict(keep, "tied")  # priced before slimming changes the layers
         slimmed = slim_model(self.model, keep, self.example, self.config.residual)
-        config = jsonable(self.config.__dict__ | {"round_to": self.round_to})
+        config = jsonable(
+            self.config.__dict__ | {"round_to": self.round_to, "fold_gates": self.fold}
+        )
         report = structured_report(
             self.name,
             config,
@@ -354,6 +362,8 @@ class Bar(Method):
         self.masks = self.adjustment.masks
         for unit, mask in zip(units, self.masks):
             z = self.gates.test_values(unit).detach()
+            if not self.fold:
+                z = torch.ones_like(z)
             unit.frozen = torch.where(mask, torch.where(z > 0, z, torch.ones_like(z)), 0.0)
 
     def _note(self) -> str:
