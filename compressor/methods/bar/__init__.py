@@ -35,10 +35,9 @@ Choices of ours, where METHODS.md is silent or we depart from it:
   achieved keep fraction is within 0.5 % (of V0) of the request, which prune() checks.
 * Phase 1 trains the gates alone (`freeze_weights`): the weights keep the trained model's
   values (lr 0), where the paper trains both. Why (bench.bar_short: ResNet-20, 3.7x FLOPs,
-  2 seeds): tied +3.4 / +1.5 / +1.3 top-1 points at 2+1 / 1+2 / 4+4 epochs, mixed -2.1 /
-  +0.4 / +2.4; weights trained under sampled gates drift further than fine-tuning recovers.
-  LeNet-5 (bench.bar_freeze): +1.5 to +1.7 at 3+2, level at 1+1 and 1+3; training both
-  wins for a model far from trained with a phase 1 of a few steps (3-16 points).
+  medians): +4.1 / +2.9 top-1 points tied / mixed at 1+2 epochs, +1.6 / +2.8 at 4+4;
+  weights trained under sampled gates drift further than fine-tuning recovers. LeNet-5
+  (bench.bar_freeze, 2x / 4x, 1+1 to 3+2): +0.4 to +1.8, +1.4 to +6.7 two epochs into training.
 * With fixed weights a kept channel enters the slimmed network as trained, at gate 1
   (`fold_gates`), where the paper folds its test gate value into its norm (below 1 until
   log alpha passes ln 11; it starts at 0). Why: fixed weights never learned those scales.
