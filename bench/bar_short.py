@@ -1,7 +1,7 @@
 """Where BAR's accuracy goes at a short schedule: BAR-tied against Torch-Pruning and
 channel-magnitude at one FLOP cut, with the schedule's parts varied.
 
-    .venv/bin/python -m bench.bar_short [--seeds 0,1] [--variants a,b]
+    .venv/bin/python -m bench.bar_short [--seeds 0,1] [--variants a,b] [--set name=value]
     # ~40 s a run, 2 min at 8 epochs, on an idle 2-core machine
 
 ResNet-20 on Fashion-MNIST (5k training images, the dense model of `bench.latency
@@ -9,8 +9,9 @@ ResNet-20 on Fashion-MNIST (5k training images, the dense model of `bench.latenc
 latency budget there) at round_to 8 and trained 3 epochs after pruning starts, as in that
 benchmark (8 in the longer rows). Rows vary BAR's split between gate epochs and fine-tuning
 epochs and whether the weights train while the gates learn (`freeze_weights`); a "+0" row
-is the network right after the decision (BatchNorm re-estimated, no fine-tuning). Writes
-the RESULTS.md section bar_short (or `--section`).
+is the network right after the decision (BatchNorm re-estimated, no fine-tuning); `--set`
+changes one BAR option on every BAR row (e.g. fold_gates=true). Writes the RESULTS.md
+section bar_short (or `--section`).
 """
 
 from __future__ import annotations
