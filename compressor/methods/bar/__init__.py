@@ -342,8 +342,9 @@ class Bar(Method):
 
         The learned decision (test gate > 0) is kept when its cost lies within
         `tolerance` below the budget; otherwise the channels with the lowest log alpha are
-        removed, or those with the highest restored, until it does. Kept channels keep
-        their test gate value; a restored channel (test gate 0) enters with gate 1.
+        removed, or those with the highest restored, until it does. With `fold` kept
+        channels keep their test gate value and a restored one (test gate 0) enters with
+        gate 1; without it every kept channel enters with gate 1.
         """
         units = self.gates.units
         low = self.target - min(self.config.tolerance * self.target, 0.005 * self.dense_cost)
@@ -361,9 +362,9 @@ class Bar(Method):
         self.masks = self.adjustment.masks
         for unit, mask in zip(units, self.masks):
             z = self.gates.test_values(unit).detach()
-            if not self.fold:
-                z = torch.ones_like(z)
-            unit.frozen = torch.where(mask, torch.where(z > 0, z, torch.ones_like(z)), 0.0)
+            one = torch.ones_like(z)
+            kept = torch.where(z > 0, z, one) if self.fold else one
+            unit.frozen = torch.where(mask, kept, 0.0)
 
     def _note(self) -> str:
         adj = self.adjustment
