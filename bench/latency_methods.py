@@ -16,9 +16,9 @@ from compressor import zoo
 from compressor.budget import Budget
 from compressor.distill import train_loader
 from compressor.errors import CompressorError
+from compressor.lift import clone_model
 from compressor.methods import get_method, prune
 from compressor.methods.bar.slim import slimmed_finetune_phase
-from compressor.methods.base import clone_model
 from compressor.methods.channel_magnitude import ChannelMagnitudeConfig
 from compressor.methods.phases import train
 from compressor.train import Distill

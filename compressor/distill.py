@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from compressor.errors import InputError
+from compressor.lift import clone_model
 from compressor.train import Distill
 
 if TYPE_CHECKING:
@@ -59,8 +60,6 @@ def training_data(
     Raises:
         InputError: the data has no labels and no dense model was given.
     """
-    from compressor.methods.base import clone_model  # base imports this module's users
-
     generator = torch.Generator().manual_seed(data.seed)
     if data.has_labels:
         loader = replayed(data.train)

@@ -10,6 +10,7 @@ re-exports like the model it came from, without running any of its code.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -248,3 +249,11 @@ def _set_path(root: nn.Module, fqn: str, value, setter: Callable) -> None:
         module = getattr(module, part)
     if not hasattr(module, name):
         setter(module, name, value)
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` (a lifted .pt2 model too, without torch's pytree warning)."""
+    with warnings.catch_warnings():
+        # deep-copying a lifted .pt2 model trips torch's own pytree deprecation warning
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
+        return copy.deepcopy(model)

@@ -89,6 +89,12 @@ BAD_PRUNE = [
         "freeze_weights='maybe' is not true or false",
     ),
     (
+        "--set out of range",
+        ["--method", "bar", "--budget", "2x", "--data", "digits", "--set", "lr=-1"],
+        2,
+        "option lr=-1.0 must be at least 0",
+    ),
+    (
         "foreign flag",
         ["--method", "magnitude-global", "--sparsity", "0.5", "--steps", "3"],
         2,

@@ -13,9 +13,9 @@ from compressor import zoo
 from compressor.budget import Budget
 from compressor.errors import CompressorError, MachineryLeftError
 from compressor.io import load_model, save_model
+from compressor.lift import clone_model
 from compressor.masks import has_machinery, model_names, prunable_layers
 from compressor.methods import get_method, list_methods, prune
-from compressor.methods.base import clone_model
 from compressor.methods.targets import TARGET_TOLERANCE
 from compressor.stats import measure
 from tests.conftest import GRAPH_EXPORTED, SHALLOW_ARCHS

@@ -12,9 +12,9 @@ from cli.main import cli
 from compressor.budget import Budget
 from compressor.distill import train_loader
 from compressor.errors import InputError
+from compressor.lift import clone_model
 from compressor.masks import apply_masks_, prunable_layers, strip_
 from compressor.methods import prune
-from compressor.methods.base import clone_model
 from compressor.methods.phases import masked_finetune_phase, train
 from compressor.methods.probmask import ProbMask
 from compressor.methods.probmask.warm import magnitude_scores

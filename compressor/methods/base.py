@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -35,6 +34,7 @@ from compressor.masks import (
     strip_,
     weight_of,
 )
+from compressor.methods.options import checked_config
 from compressor.methods.phases import Phase, drive
 from compressor.pattern_masks import method_pattern, pattern_report
 from compressor.stats import sparsity_of
@@ -58,6 +58,9 @@ class MethodConfig:
     # (masks.layer_floors) and prune() fails on an emptied layer, unless this is True.
     allow_layer_collapse: bool = False
     pattern: str | None = None  # "N:M" or "RxC" (compressor/pattern_masks.py); None: any weights
+
+    def __post_init__(self) -> None:
+        checked_config(self)  # types and ranges, however the config was built (options.py)
 
 
 @dataclass
@@ -267,7 +270,10 @@ def _with_overrides(config: MethodConfig, overrides: dict, name: str) -> MethodC
         )
     if "exclude" in overrides and isinstance(overrides["exclude"], str):
         overrides = overrides | {"exclude": (overrides["exclude"],)}
-    return dataclasses.replace(config, **overrides)
+    try:
+        return dataclasses.replace(config, **overrides)
+    except InputError as exc:
+        raise InputError(f"method {name!r}: {exc}") from None
 
 
 def jsonable(value):
@@ -282,11 +288,3 @@ def training_state(method: Method) -> dict:
     """Copies of the model's state and the method's own: a `training_snapshot()`."""
     model = {k: v.detach().clone() for k, v in method.model.state_dict().items()}
     return {"model": model, "method": copy.deepcopy(method.state_dict())}
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    """A deep copy of `model` (a lifted .pt2 model too, without torch's pytree warning)."""
-    with warnings.catch_warnings():
-        # deep-copying a lifted .pt2 model trips torch's own pytree deprecation warning
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
-        return copy.deepcopy(model)

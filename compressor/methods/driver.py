@@ -12,13 +12,13 @@ import dataclasses
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from compressor import checkpoint, distributed, latency_check
 from compressor.budget import Budget, parse_budget
+from compressor.data import Data, load_data
 from compressor.errors import (
     BelowSmallestNetworkError,
     CompressorWarning,
@@ -27,21 +27,19 @@ from compressor.errors import (
 )
 from compressor.factors import DenseBaseline
 from compressor.guard import check_no_collapse, empty_layers
+from compressor.lift import clone_model
 from compressor.masks import check_no_machinery, model_names
-from compressor.methods.base import Method, Result, clone_model, get_method, jsonable
+from compressor.methods.base import Method, Result, get_method, jsonable
 from compressor.methods.phases import device_of
 from compressor.methods.targets import check_target, with_pins
 from compressor.outputs import check_task_output, task_output
-
-if TYPE_CHECKING:
-    from compressor.data import Data
 
 
 def prune(
     model: nn.Module,
     method: str,
     budget: Budget | str | float,
-    data: Data | None = None,
+    data: Data | str | None = None,
     *,
     seed: int = 0,
     copy_model: bool = True,
@@ -57,7 +55,8 @@ def prune(
         model: a trained model; copied first unless `copy_model=False`.
         method: a registered method name (see `list_methods()`).
         budget: a Budget, or a string/float parsed as `--budget` (e.g. "4x", 0.9 sparsity).
-        data: what the method trains or calibrates on (see `Data`), when it needs any.
+        data: what the method trains or calibrates on (see `Data`), when it needs any; a
+            string is a `--data` spec, loaded with `load_data(data, seed=seed)`.
         seed: seeds torch's RNG so a run is reproducible.
         checkpoint_path: write a checkpoint there at every epoch boundary of training.
         resume: a checkpoint of the same run to continue from (also the default
@@ -73,10 +72,9 @@ def prune(
         CompressorError: the ranks of a data-parallel run diverged.
     """
     cls = get_method(method)
+    data = _checked_inputs(model, data, cls, seed)
     if not isinstance(budget, Budget):
         budget = parse_budget(budget, metric=cls.default_metric(config))
-    if cls.needs != "nothing" and data is None:
-        raise InputError(f"method {method!r} needs data ({cls.needs}); pass --data SPEC")
     baseline = DenseBaseline(model, data)  # before any in-place change (copy_model=False)
     torch.manual_seed(seed)
     copy_model = copy_model or budget.metric == "latency"  # a re-fit starts from the dense one
@@ -108,6 +106,25 @@ def _session(instance: Method, model: nn.Module, data, seed: int, path, resume) 
             instance.name, config, instance.budget, seed, model, data
         )
     return session
+
+
+def _checked_inputs(model, data, cls: type[Method], seed: int) -> Data | None:
+    """`data` as a Data (a spec string is loaded), once model and data are what `cls` takes."""
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"model must be a torch nn.Module, got {type(model).__name__}; "
+            "load a file with compressor.load_model(path).model"
+        )
+    if isinstance(data, str):
+        data = load_data(data, seed=seed)
+    if data is not None and not isinstance(data, Data):
+        raise InputError(
+            f"data must be a compressor.Data or a --data spec string, got "
+            f"{type(data).__name__}; e.g. compressor.load_data('digits')"
+        )
+    if cls.needs != "nothing" and data is None:
+        raise InputError(f"method {cls.name!r} needs data ({cls.needs}); pass --data SPEC")
+    return data
 
 
 def _check_output(instance: Method, data: Data | None) -> None:

@@ -12,12 +12,11 @@ One trial covers all streams; only when it fails does each stream get its own.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from compressor.errors import CompressorError, InputError
+from compressor.lift import clone_model
 from compressor.surgery.groups import ChannelGroup
 from compressor.surgery.plan import NotExactError
 from compressor.surgery.slim import mask_, slim_
@@ -47,7 +46,7 @@ def unmixable_streams(
 
 def _refusal(model: nn.Module, keep: dict, example_inputs: tuple) -> str | None:
     """Why a mixed slim of a copy with `keep` is not exact, or None when it is."""
-    trial = copy.deepcopy(model)
+    trial = clone_model(model)
     try:
         mask_(trial, keep, example_inputs, residual="mixed", norms=True)
         slim_(trial, keep, example_inputs, residual="mixed")
@@ -102,6 +101,6 @@ def check_exact(
         if group.prunable and len(removable) >= 2 and not any(skip(m.fqn) for m in group.producers):
             keep[group.id] = group.fixed.clone().index_fill_(0, removable[::2], True)
     if keep:
-        trial = copy.deepcopy(model)
+        trial = clone_model(model)
         mask_(trial, keep, example_inputs, norms=True)
         slim_(trial, keep, example_inputs)

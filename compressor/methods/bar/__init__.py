@@ -68,6 +68,7 @@ import torch
 
 from compressor import distributed
 from compressor.errors import InputError
+from compressor.lift import clone_model
 from compressor.methods.bar.cost import at_least_one_, channel_weights, fit_units, keep_dict
 from compressor.methods.bar.gates import (
     Gates,
@@ -90,7 +91,6 @@ from compressor.methods.base import (
     Method,
     MethodConfig,
     Result,
-    clone_model,
     jsonable,
     register_method,
 )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from compressor.errors import InputError
+from compressor.lift import clone_model
 from compressor.methods.bar import BarConfig
 from compressor.methods.bar.cost import at_least_one_, fit_units, keep_dict
 from compressor.methods.bar.gates import GateUnit, build_units
@@ -35,7 +36,6 @@ from compressor.methods.base import (
     Method,
     MethodConfig,
     Result,
-    clone_model,
     jsonable,
     register_method,
 )

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from compressor.errors import InputError
 from compressor.examples import calibration_inputs
+from compressor.lift import clone_model
 from compressor.masks import apply_masks_, strip_, weight_of
-from compressor.methods.base import Method, MethodConfig, Result, clone_model, register_method
+from compressor.methods.base import Method, MethodConfig, Result, register_method
 from compressor.methods.magnitude import erk_counts, masks_from_counts
 from compressor.methods.phases import Phase, epochs_for
 from compressor.outputs import distill_loss, flat_tensors
