@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -190,6 +191,33 @@ def test_gate_phase_trains_the_weights_only_when_asked(freeze, small_digits):
     assert result.report["config"]["freeze_weights"] is freeze
     assert bool((nearest == 0).all()) is freeze
     assert freeze or bool((nearest > 1e-4).all())
+
+
+def test_fixed_weights_compute_no_gradients_and_change_nothing(small_digits, monkeypatch):
+    """With freeze_weights phase 1 runs with the weights' requires_grad off (no weight-
+    gradient GEMMs) and gives bit for bit what computing and discarding them gives; every
+    parameter of the result trains again."""
+    import compressor.methods.bar as bar_module
+
+    seen = []
+    step = Bar.step
+    monkeypatch.setattr(Bar, "step", lambda m, p: seen.append(_grads(m.model)) or step(m, p))
+    options = {"epochs": 1, "finetune_epochs": 1, "residual": "tied"}
+    fast = prune(_model("resnet20"), "bar", "2x", small_digits, **options)
+    assert seen[0] == (0, 0)  # (weights requiring a gradient, weights holding one)
+    assert all(p.requires_grad for p in fast.model.parameters())
+    seen.clear()
+    monkeypatch.setattr(bar_module, "fixed_weights", lambda model, fixed: contextlib.nullcontext())
+    slow = prune(_model("resnet20"), "bar", "2x", small_digits, **options)
+    assert seen[0][0] == seen[0][1] > 0  # the old way: every weight got a gradient, at lr 0
+    assert fast.report["achieved"] == slow.report["achieved"]
+    for (name, a), b in zip(fast.model.state_dict().items(), slow.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def _grads(model: torch.nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.requires_grad for p in params), sum(p.grad is not None for p in params)
 
 
 @pytest.mark.parametrize("fold", [None, True])

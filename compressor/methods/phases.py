@@ -23,6 +23,7 @@ data-parallel wrapper and a progress bar, none of which changes a number.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -137,6 +138,26 @@ class Phase:
         if self.after_step is not None:
             self.after_step(self.done / self.total)
         self.optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def fixed_weights(model: nn.Module, fixed: bool = True) -> Iterator[None]:
+    """Inside the block `model`'s parameters compute no gradients (restored after).
+
+    A phase that trains only what lives outside the model (BAR's gates, on weights kept at
+    lr 0) then skips the weight-gradient GEMMs, about 30 % of a ResNet-20 step, with the same
+    result: nothing reads those gradients. Not inside a process group, where
+    DistributedDataParallel needs a parameter that requires a gradient.
+    """
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    frozen = frozen if fixed and not distributed.active() else []
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
 
 
 def epochs_for(steps: int, loader: DataLoader) -> int:
