@@ -406,3 +406,33 @@ def test_prune_below_the_tables_floor_refits_from_the_measured_floor(fake_table,
     rounds = result.report["latency"]["rounds"]
     assert rounds[0]["table_keep"] > 0.02 and rounds[0]["measured"] > 50 * 1.1  # the floor
     assert abs(rounds[-1]["measured"] / 50 - 1) <= 0.10
+
+
+class SlowLinearTimer(FakeTimer):
+    """FakeTimer whose linear layers run at a tenth of the convs' MAC rate."""
+
+    def __call__(self, spec: dict) -> float:
+        ms = super().__call__(spec)
+        return ms if spec["op"] != "linear" else 10 * (ms - 0.01) + 0.01
+
+
+def test_bar_prices_each_unit_at_its_own_ms_per_mac(tmp_path):
+    """Under latency L_S weighs a unit's FLOPs at the ms per MAC the table saves when the
+    unit keeps half its channels: LeNet-5's conv -> conv unit at the convs' rate, its
+    linear -> linear unit at ten times it, the conv feeding the first linear between; one
+    rate for the whole model (the dense ms per MAC, used before) sits between them."""
+    from compressor.methods.bar.cost import channel_weights, probe_cut
+
+    with latency_table(LatencyTable(SlowLinearTimer(), path=tmp_path / "table.json")):
+        method = get_method("bar")(_model("lenet5"), Budget("latency", 0.5))
+        method.prepare(_x())
+        units = {u.targets[0].member.fqn: u for u in method.gates.units}
+        rates = {fqn: method.pricer.rate(probe_cut(u)) for fqn, u in units.items()}
+        flat = method.pricer.per_count()
+    assert rates["1"] == pytest.approx(1e-6)  # conv 1 -> conv 4
+    assert rates["8"] == pytest.approx(1e-5)  # linear 8 -> linear 10
+    assert 1e-6 < rates["4"] < 1e-5  # conv 4 -> (flatten) -> linear 8
+    assert rates["1"] < flat < rates["8"]
+    for fqn, unit in units.items():
+        flops = channel_weights(method.costs, unit, "flops", 0)
+        torch.testing.assert_close(unit.weight, rates[fqn] * flops)

@@ -108,6 +108,19 @@ class Pricer:
             return 1.0
         return self._dense / float(self.costs.dense("flops"))
 
+    def rate(self, cut: dict) -> float:
+        """Price units per counted unit (`counted()`) that the cut `cut` saves: 1 for counted
+        metrics; under latency the table's ms saved per MAC saved from the dense model,
+        `per_count()` when the cut saves no MACs. A layer's time is not proportional to
+        its MACs (depthwise convs and narrow layers run at a fraction of a wide GEMM's MAC
+        rate), so a price per MAC that holds for the whole model misprices each part."""
+        if self.latency is None:
+            return 1.0
+        saved = float(self.costs.dense("flops") - self.costs.cost(cut, "flops"))
+        if saved <= 0.0:
+            return self.per_count()
+        return max(0.0, self._dense - self.latency.cost(cut)) / saved
+
     def round_to(self, requested: int | None) -> int:
         """--round-to: the user's when given, else the table's rate multiple (latency) or 1."""
         if requested is not None:

@@ -56,8 +56,8 @@ Choices of ours, where METHODS.md is silent or we depart from it:
   follows the target; retrained gates gave a different network each time (tied ResNet-20
   at 3x overshot to 3.7x after 3 re-fits, bench/RESULTS.md latency_budget).
 * For the latency metric (a per-layer onnxruntime table, surgery/latency.py) A_l is that
-  FLOP weight times the dense model's predicted ms per MAC, so L_S / V0 is the FLOP one and
-  lambda_ keeps its meaning; the hard cost V and the budget step use the table itself.
+  FLOP weight times the unit's own ms per MAC: what the table saves per MAC saved when the
+  unit keeps half its channels (`Pricer.rate`); V and the budget step use the table itself.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ import torch
 from compressor import distributed
 from compressor.errors import InputError
 from compressor.lift import clone_model
-from compressor.methods.bar.cost import at_least_one_, channel_weights, fit_units, keep_dict
+from compressor.methods.bar.cost import at_least_one_, fit_units, keep_dict, unit_weights
 from compressor.methods.bar.gates import (
     Gates,
     barrier_multiplier,
@@ -215,10 +215,8 @@ class Bar(Method):
             raise InputError(f"{type(self.model).__name__} has no removable channels")
         init_log_alpha_(units, cfg.log_alpha_init, cfg.log_alpha_noise)
         counts = own_counts(units)
-        for unit in units:
-            unit.weight = self.pricer.per_count() * channel_weights(
-                self.costs, unit, self.pricer.counted(), counts.get(unit.group.id, 0)
-            )
+        for unit in units:  # A_l: under latency the FLOP weights at the unit's own ms per MAC
+            unit.weight = unit_weights(self.pricer, self.costs, unit, counts.get(unit.group.id, 0))
         self.gates = Gates(units, cfg.beta, cfg.gamma, cfg.zeta)
         self.gates.to_(device_of(self.model))
         self.gates.install_(self.model)

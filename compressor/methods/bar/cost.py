@@ -15,6 +15,7 @@ import torch
 from compressor.methods.bar.gates import GateUnit
 from compressor.surgery.cost import CostModel
 from compressor.surgery.fit import FitUnit
+from compressor.surgery.pricing import Pricer
 
 
 def channel_weights(costs: CostModel, unit: GateUnit, metric: str, own_units: int) -> torch.Tensor:
@@ -36,6 +37,22 @@ def channel_weights(costs: CostModel, unit: GateUnit, metric: str, own_units: in
         share = _consumer_share(costs, unit)
         weight += share if unit.own is None else share[unit.own.index] / max(1, own_units)
     return weight
+
+
+def unit_weights(pricer: Pricer, costs: CostModel, unit: GateUnit, own_units: int) -> torch.Tensor:
+    """A_l of L_S for `unit`: its channels' counted weights at the unit's own price per
+    counted unit (`Pricer.rate` of its probe cut: 1 unless latency)."""
+    weight = channel_weights(costs, unit, pricer.counted(), own_units)
+    return pricer.rate(probe_cut(unit)) * weight
+
+
+def probe_cut(unit: GateUnit) -> dict:
+    """The keep entry of `unit` with half its free channels: the cut a latency price is
+    measured on (`Pricer.rate`)."""
+    free = (~unit.fixed).nonzero().flatten()
+    mask = unit.fixed.clone()
+    mask[free[: (len(free) + 1) // 2]] = True
+    return unit.keep_entry(mask)
 
 
 def _consumer_share(costs: CostModel, unit: GateUnit) -> torch.Tensor:
