@@ -296,6 +296,11 @@ def run(setup: Setup, store: CellStore, make_context=context) -> list[dict]:
     return rows
 
 
+def stored(setup: Setup, store: CellStore) -> list[dict]:
+    """The finished cells of `setup`'s archs and methods, in the order a run makes them."""
+    return [store.cells[key] | {"key": key} for key, *_ in cells(setup) if key in store.cells]
+
+
 def settings_of(setup: Setup) -> dict:
     """The settings a cell's values depend on; archs, targets, batches and methods only
     choose which cells run, so a run with fewer or more of them reuses the same file."""
@@ -339,10 +344,13 @@ def main() -> None:
             raise CompressorError(
                 f"{store.path} holds no finished cells; run without --report-only"
             )
-        rows = list(store.cells.values()) if args.report_only else run(setup, store)
+        rows = stored(setup, store) if args.report_only else run(setup, store)
     except CompressorError as exc:  # Torch-Pruning missing, a checkpoint of other settings
         raise SystemExit(f"Error: {exc}") from None
     flag = " --quick" if args.quick else " --reduced" if args.reduced else ""
+    flag += "".join(
+        f" --{k} {v}" for k, v in (("archs", args.archs), ("methods", args.methods)) if v
+    )
     latency_report.write(rows, setup, quick=args.quick, machine=machine(), flag=flag)
 
 
