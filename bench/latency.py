@@ -351,7 +351,9 @@ def main() -> None:
     flag += "".join(
         f" --{k} {v}" for k, v in (("archs", args.archs), ("methods", args.methods)) if v
     )
-    latency_report.write(rows, setup, quick=args.quick, machine=machine(), flag=flag)
+    latency_report.write(
+        rows, setup, quick=args.quick, machine=machine(load=not args.report_only), flag=flag
+    )
 
 
 if __name__ == "__main__":

@@ -179,13 +179,14 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def allocation_plot(main: list[dict], folder, name: str) -> str | None:
-    """Live channels per conv: BAR-mixed vs Torch-Pruning at the largest target, per model."""
+    """Live channels per conv: BAR (mixed and tied) vs Torch-Pruning at the largest target,
+    per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in main if "channels" in r and r["method"] in ("BAR-mixed", "Torch-Pruning")]
+    rows = [r for r in main if "channels" in r and r["method"] in (*BAR, "Torch-Pruning")]
     if not rows:
         return None
     archs = sorted({r["model"] for r in rows})
@@ -197,8 +198,14 @@ def allocation_plot(main: list[dict], folder, name: str) -> str | None:
         layers = list(dict.fromkeys(fqn for r in shown for fqn in r["channels"]))
         for r in shown:  # a layer a model lacks (slimmed away) counts 0
             counts = [r["channels"].get(fqn, 0) for fqn in layers]
+            color = f"C{[*BAR, 'Torch-Pruning'].index(r['method'])}"  # one per method
             ax.plot(
-                range(len(layers)), counts, marker="o", ms=2, label=f"{r['method']} b{r['batch']}"
+                range(len(layers)),
+                counts,
+                marker="o",
+                ms=2,
+                color=color,
+                label=f"{r['method']} b{r['batch']}",
             )
         ax.set_xticks(range(len(layers)), layers, rotation=75, fontsize=6)
         ax.set_title(f"{arch}: live output channels per conv at {top}", fontsize=9)
