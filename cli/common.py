@@ -258,7 +258,10 @@ METHOD_FLAGS = (
         "default: start from the trained weights' magnitudes.",
     ),
     click.option(
-        "--residual", type=click.Choice(["mixed", "tied"]), help="Residual block style (BAR)."
+        "--residual",
+        type=click.Choice(["mixed", "tied"]),
+        help="Residual block style (bar, channel-magnitude) [default: tied under "
+        "--budget-metric latency, else mixed].",
     ),
     click.option(
         "--round-to",

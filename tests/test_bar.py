@@ -270,6 +270,26 @@ def test_bad_residual_mode():
         Bar(_model("resnet20"), Budget("volume", 0.5), residual="loose")
 
 
+@pytest.mark.parametrize("method", ["bar", "channel-magnitude"])
+@pytest.mark.parametrize(
+    ("metric", "given", "used"),
+    [
+        ("latency", None, "tied"),  # mixed joins run slowly in onnxruntime
+        ("flops", None, "mixed"),
+        ("volume", None, "mixed"),
+        ("latency", "mixed", "mixed"),  # the user's choice wins
+        ("flops", "tied", "tied"),
+    ],
+)
+def test_residual_mode_defaults_to_tied_under_a_latency_budget(method, metric, given, used):
+    from compressor.methods import get_method
+
+    options = {} if given is None else {"residual": given}
+    instance = get_method(method)(_model("resnet20"), Budget(metric, 0.5), **options)
+    assert instance.config.residual == used
+    assert instance.base_report()["config"]["residual"] == used
+
+
 # --- slimmed == gated ---------------------------------------------------------------------------
 
 

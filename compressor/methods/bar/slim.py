@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from typing import TYPE_CHECKING
 
@@ -26,9 +27,17 @@ if TYPE_CHECKING:
 RESIDUAL_MODES = ("mixed", "tied")
 
 
-def check_residual(residual: str) -> None:
-    if residual not in RESIDUAL_MODES:
-        raise InputError(f"residual {residual!r}: choose one of {', '.join(RESIDUAL_MODES)}")
+def with_residual(config, metric: str):
+    """`config` with its residual mode checked, or chosen by the budget's metric when None:
+    tied under latency (mixed joins run slowly in onnxruntime, so mixed networks reached 1.3-
+    1.6x where ResNet-20/56 asked for 2x: bench/RESULTS.md latency), else mixed (the BAR
+    supplement's blocks)."""
+    if config.residual is None:
+        return dataclasses.replace(config, residual="tied" if metric == "latency" else "mixed")
+    if config.residual not in RESIDUAL_MODES:
+        modes = ", ".join(RESIDUAL_MODES)
+        raise InputError(f"residual {config.residual!r}: choose one of {modes} (or none)")
+    return config
 
 
 def excluder(patterns: tuple[str, ...]):

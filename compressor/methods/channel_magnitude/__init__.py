@@ -24,13 +24,13 @@ from compressor.methods.bar import BarConfig
 from compressor.methods.bar.cost import at_least_one_, fit_units, keep_dict
 from compressor.methods.bar.gates import GateUnit, build_units
 from compressor.methods.bar.slim import (
-    check_residual,
     example_of,
     excluder,
     slim_model,
     slimmed_finetune_phase,
     structured_report,
     tied_fallback,
+    with_residual,
 )
 from compressor.methods.base import (
     Method,
@@ -67,7 +67,7 @@ class ChannelMagnitudeConfig(MethodConfig):
     momentum: float = _BAR.momentum  # BAR's SGD momentum
     weight_decay: float = _BAR.weight_decay  # BAR's weight decay
     batch_size: int = _BAR.batch_size  # BAR's batch size
-    residual: str = _BAR.residual  # BAR's default block style, so only the choice differs
+    residual: str | None = _BAR.residual  # BAR's block style (None: by metric), as BAR
     distill: bool = _BAR.distill  # BAR's distillation from the dense model
     temperature: float = _BAR.temperature  # BAR's KD temperature
     alpha: float = _BAR.alpha  # BAR's KD alpha
@@ -110,9 +110,7 @@ class ChannelMagnitude(Method):
 
     def __init__(self, model, budget, config=None, **overrides):
         super().__init__(model, budget, config, **overrides)
-        check_residual(self.config.residual)
-        if self.config.finetune_epochs < 0:
-            raise InputError("finetune_epochs must be >= 0")
+        self.config = with_residual(self.config, self.budget.metric)
         check_round_to(self.config.round_to)
         self.example: tuple | None = None
         self.result: Result | None = None  # the slimmed model and report, once slimmed
