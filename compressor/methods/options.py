@@ -11,8 +11,8 @@ checked when it is made (`MethodConfig.__post_init__`):
   a `tuple[str, ...]` field a string or a list/tuple of strings; `X | None` also None;
 * ranges, by field name (one table for every method, `RANGES`): learning rates, weight
   decays, epochs, lambdas, margins, tolerances, eps and counts (steps, samples, batches...)
-  at least 0; batch sizes at least 1;
-  alpha and momenta in [0, 1]; the distillation temperature above 0; every float finite.
+  at least 0; batch sizes at least 1; alpha and momenta in [0, 1]; the distillation
+  temperature above 0; every float finite.
 
 A method checks what only it knows (BAR's round_to, GSS's variant names) in its own
 __init__; this module checks what holds for every method.

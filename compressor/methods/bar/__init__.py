@@ -34,10 +34,11 @@ Choices of ours, where METHODS.md is silent or we depart from it:
   simply "within 1 %": the 1 % of issue 7, tightened to DESIGN.md's promise that the
   achieved keep fraction is within 0.5 % (of V0) of the request, which prune() checks.
 * Phase 1 trains the gates alone (`freeze_weights`): the weights keep the trained model's
-  values (lr 0; outside data-parallel runs they compute no gradients, which makes a step
-  about 30 % faster with the same result), where the paper trains both. Why (bench.bar_short: ResNet-20, 3.7x FLOPs,
-  medians): +4.1 / +2.9 top-1 points tied / mixed at 1+2 epochs, +1.6 / +2.8 at 4+4;
-  weights trained under sampled gates drift further than fine-tuning recovers. LeNet-5
+  values (lr 0; outside data-parallel runs they compute no gradients: the same result, a
+  2-epoch run 19 % faster, bench.bar_phase1), where the paper trains both. Why
+  (bench.bar_short: ResNet-20, 3.7x FLOPs, medians): +4.1 / +2.9 top-1 points tied /
+  mixed at 1+2 epochs, +1.6 / +2.8 at 4+4; weights trained under sampled gates drift
+  further than fine-tuning recovers. LeNet-5
   (bench.bar_freeze, 2x / 4x, 1+1 to 3+2): +0.4 to +1.8, +1.4 to +6.7 two epochs into training.
 * With fixed weights a kept channel enters the slimmed network as trained, at gate 1
   (`fold_gates`), where the paper folds its test gate value into its norm (below 1 until
