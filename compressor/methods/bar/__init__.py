@@ -66,6 +66,7 @@ Choices of ours, where METHODS.md is silent or we depart from it:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -193,8 +194,9 @@ class Bar(Method):
             raise InputError("Hard Concrete needs gamma < 0 < 1 < zeta and beta > 0")
         check_round_to(self.config.round_to)
         self.round_to = self.config.round_to  # the one used: set by decide()
-        fold = self.config.fold_gates
-        self.fold = not self.config.freeze_weights if fold is None else fold
+        if self.config.fold_gates is None:  # the report's config shows the way taken
+            fold = not self.config.freeze_weights
+            self.config = dataclasses.replace(self.config, fold_gates=fold)
         self.example: tuple | None = None
         self.gates: Gates | None = None
         self.masks: list[torch.Tensor] | None = None
@@ -291,9 +293,7 @@ class Bar(Method):
         keep = keep_dict(self.gates.units, [m.cpu() for m in self.masks])
         tied = self.costs.predict(keep, "tied")  # priced before slimming changes the layers
         slimmed = slim_model(self.model, keep, self.example, self.config.residual)
-        config = jsonable(
-            self.config.__dict__ | {"round_to": self.round_to, "fold_gates": self.fold}
-        )
+        config = jsonable(self.config.__dict__ | {"round_to": self.round_to})
         report = structured_report(
             self.name,
             config,
@@ -360,7 +360,7 @@ class Bar(Method):
         for unit, mask in zip(units, self.masks):
             z = self.gates.test_values(unit).detach()
             one = torch.ones_like(z)
-            kept = torch.where(z > 0, z, one) if self.fold else one
+            kept = torch.where(z > 0, z, one) if self.config.fold_gates else one
             unit.frozen = torch.where(mask, kept, 0.0)
 
     def _note(self) -> str:
