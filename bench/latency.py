@@ -24,7 +24,12 @@ Pruning's knob is its uniform pruning ratio, searched the same way. The `path` c
 which way a row went. A second table prices alignment: every method at fixed FLOP cuts with
 and without round_to 8 (ours: "n/a" while the methods have no round_to).
 
-Every finished cell is written to bench/out/latency[-quick].json; a rerun resumes.
+Every finished cell is written to bench/checkpoints/latency[-reduced].json (tracked, so a
+run resumes from a fresh clone too; a smoke run's to bench/out/latency-quick.json); a rerun
+resumes. A checkpoint's cells came from its dense models: a dense model trained again to a
+different top-1 is refused rather than mixed in. `--section NAME` writes the tables to that
+RESULTS.md section instead of `latency`, so a narrowed run (a few rows, new code) leaves the
+main table alone.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import argparse
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,6 +52,7 @@ from compressor.train import evaluate
 from exporters.latency import graph_measurer
 
 SPEC = "fashion-mnist"
+CHECKPOINTS = Path(__file__).with_name("checkpoints")
 
 
 @dataclass(frozen=True)
@@ -286,6 +293,7 @@ def run(setup: Setup, store: CellStore, make_context=context) -> list[dict]:
         def compute(arch=arch, kind=kind, args=args) -> dict:
             if arch not in contexts:
                 contexts[arch] = make_context(setup, arch)
+                check_dense(arch, contexts[arch], store)
             start = time.perf_counter()
             cell = {"dense": dense_cell, "main": main_cell, "align": align_cell}[kind]
             row = cell(contexts[arch], *args)
@@ -294,6 +302,21 @@ def run(setup: Setup, store: CellStore, make_context=context) -> list[dict]:
         rows.append(store.run(key, compute) | {"key": key})
         print(f"{key}: done", flush=True)
     return rows
+
+
+def check_dense(arch: str, ctx: Context, store: CellStore) -> None:
+    """Refuses to add cells of a dense model other than the one the stored cells pruned."""
+    stored_row = store.cells.get(f"{arch}/dense")
+    if stored_row is None:
+        return
+    now = dense_cell(ctx)
+    if (now["top-1 %"], now["params"]) != (stored_row["top-1 %"], stored_row["params"]):
+        raise CompressorError(
+            f"{store.path} holds {arch} cells pruned from a dense model of top-1 "
+            f"{stored_row['top-1 %']} % ({stored_row['params']} params); the one trained now "
+            f"has {now['top-1 %']} % ({now['params']}). Delete the file's {arch} cells "
+            "to run them all again from this one"
+        )
 
 
 def stored(setup: Setup, store: CellStore) -> list[dict]:
@@ -330,6 +353,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="tables from the checkpoint")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(lm.METHODS)}")
     parser.add_argument("--archs", help=f"comma-separated subset of {','.join(Setup.archs)}")
+    parser.add_argument("--section", default="", help="RESULTS.md section (default latency)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # a shared machine: more threads only contend
     try:
@@ -339,7 +363,8 @@ def main() -> None:
         parser.error(str(exc))  # exit 2: bad usage
     try:
         suffix = "-quick" if args.quick else "-reduced" if args.reduced else ""
-        store = CellStore(OUT / f"latency{suffix}.json", settings_of(setup))
+        folder = OUT if args.quick else CHECKPOINTS
+        store = CellStore(folder / f"latency{suffix}.json", settings_of(setup))
         if args.report_only and not store.cells:
             raise CompressorError(
                 f"{store.path} holds no finished cells; run without --report-only"
@@ -348,11 +373,11 @@ def main() -> None:
     except CompressorError as exc:  # Torch-Pruning missing, a checkpoint of other settings
         raise SystemExit(f"Error: {exc}") from None
     flag = " --quick" if args.quick else " --reduced" if args.reduced else ""
-    flag += "".join(
-        f" --{k} {v}" for k, v in (("archs", args.archs), ("methods", args.methods)) if v
-    )
+    given = (("archs", args.archs), ("methods", args.methods), ("section", args.section))
+    flag += "".join(f" --{k} {v}" for k, v in given if v)
+    load = machine(load=not args.report_only)
     latency_report.write(
-        rows, setup, quick=args.quick, machine=machine(load=not args.report_only), flag=flag
+        rows, setup, quick=args.quick, machine=load, flag=flag, section=args.section
     )
 
 

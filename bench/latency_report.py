@@ -16,12 +16,15 @@ ALIGN += ["% of FLOP cut b1", "% of FLOP cut b32"]
 BAR = ("BAR-mixed", "BAR-tied")
 
 
-def write(rows: list[dict], setup, *, quick: bool, machine: str, flag: str = "") -> None:
-    """Prints the tables; writes the JSON, the plots and the RESULTS.md section."""
+def write(
+    rows: list[dict], setup, *, quick: bool, machine: str, flag: str = "", section: str = ""
+) -> None:
+    """Prints the tables; writes the JSON, the plots and the RESULTS.md section (`section`,
+    default latency, or latency_smoke for a smoke run)."""
     main = [r for r in rows if r.get("kind") == "main"]
     dense = {r["model"]: r for r in rows if r.get("kind") == "dense"}
     aligned = [r for r in rows if r.get("kind") == "align"]
-    name = "latency_smoke" if quick else "latency"
+    name = section or ("latency_smoke" if quick else "latency")
     command = ".venv/bin/python -m bench.latency" + (flag or " --quick" * quick)
     table = [budget_column(r) for r in [*dense.values(), *main]]
     print(markdown_table(table, MAIN), "", markdown_table(aligned, ALIGN), sep="\n")

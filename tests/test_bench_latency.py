@@ -86,9 +86,9 @@ def test_rerun_skips_finished_cells(tmp_path, monkeypatch):
         return {"method": name, "speed-up b32": target * 0.95}
 
     monkeypatch.setattr(bench, "main_cell", fake_cell)
-    monkeypatch.setattr(bench, "dense_cell", lambda ctx: computed.append("dense"))
+    dense = {"method": "dense", "top-1 %": 90.5, "params": 1000, "kind": "dense"}
+    monkeypatch.setattr(bench, "dense_cell", lambda ctx: dense)  # the same dense model
     path = tmp_path / "cells.json"
-    dense = {"method": "dense", "top-1 %": 90.5, "kind": "dense"}
     finished = {"method": "channel-magnitude", "speed-up b32": 1.91, "kind": "main"}
     cells = {"lenet5/dense": dense, "lenet5/channel-magnitude/2x/b32": finished}
     path.write_text(json.dumps({"cells": cells}))
@@ -136,3 +136,22 @@ def test_narrowed_runs_a_subset_and_names_unknown_choices():
     assert bench.settings_of(setup) == bench.settings_of(bench.Setup())  # one checkpoint
     with pytest.raises(InputError, match=r"unknown methods \['BAR'\]; choose from BAR-mixed,"):
         bench.narrowed(bench.Setup(), methods="BAR,BAR-tied")
+
+
+def test_cells_of_another_dense_model_are_refused(tmp_path, monkeypatch):
+    """A checkpoint resumed from a fresh clone trains its dense models again: one that
+    comes out different (code or library changed) must not add rows beside the old ones."""
+    setup = bench.Setup(archs=("lenet5",), targets=(2.0,), batches=(32,), flop_factors=())
+    setup = bench.narrowed(setup, methods="channel-magnitude")
+    monkeypatch.setattr(bench, "main_cell", lambda *args: pytest.fail("ran a cell"))
+    monkeypatch.setattr(bench, "dense_cell", lambda ctx: {"top-1 %": 88.1, "params": 1000})
+    path = tmp_path / "cells.json"
+    stored = {"lenet5/dense": {"method": "dense", "top-1 %": 90.5, "params": 1000}}
+    path.write_text(json.dumps({"cells": stored}))
+    with pytest.raises(CompressorError) as caught:
+        bench.run(setup, CellStore(path), make_context=lambda setup, arch: None)
+    assert str(caught.value) == (
+        f"{path} holds lenet5 cells pruned from a dense model of top-1 90.5 % (1000 params); "
+        "the one trained now has 88.1 % (1000). Delete the file's lenet5 cells to run them "
+        "all again from this one"
+    )
