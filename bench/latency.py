@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.latency --reduced      # ResNet-20 at 2x and 4x, batch 1 (~1 h)
     .venv/bin/python -m bench.latency --report-only  # tables and plots from the checkpoint
     .venv/bin/python -m bench.latency --archs resnet56 --methods BAR-mixed,Torch-Pruning
+    .venv/bin/python -m bench.latency --reduced --targets 2,3,4 --batches 1,32  # full grid
 
 ResNet-20, ResNet-56 (width 1) and the zoo MobileNetV2 on Fashion-MNIST, one dense model
 per architecture (the same data and epochs for all), then per speed-up target (2x, 3x, 4x)
@@ -331,15 +332,26 @@ def settings_of(setup: Setup) -> dict:
     return {k: v for k, v in dataclasses.asdict(setup).items() if k not in chosen}
 
 
+def _parsed(kind: type, item: str):
+    """`item` as a `kind` (float targets, int batches), or as given when it is not one."""
+    try:
+        return kind(item)
+    except ValueError:
+        return item
+
+
 def narrowed(setup: Setup, **subsets: str | None) -> Setup:
-    """`setup` with comma-separated subsets of its archs / methods (the rest keep theirs)."""
+    """`setup` with comma-separated choices of its archs / methods / targets / batches from
+    the full benchmark's (the rest keep `setup`'s): a reduced run can take the full grid."""
     for field, given in subsets.items():
         if given:
             allowed = getattr(Setup, field)
-            chosen = tuple(given.split(","))
-            unknown = sorted(set(chosen) - set(allowed))
+            kind = type(allowed[0])
+            chosen = tuple(_parsed(kind, item) for item in given.split(","))
+            unknown = sorted(map(str, set(chosen) - set(allowed)))
             if unknown:
-                raise InputError(f"unknown {field} {unknown}; choose from {','.join(allowed)}")
+                choices = ",".join(f"{a:g}" if kind is float else str(a) for a in allowed)
+                raise InputError(f"unknown {field} {unknown}; choose from {choices}")
             setup = dataclasses.replace(setup, **{field: chosen})
     return setup
 
@@ -353,12 +365,20 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="tables from the checkpoint")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(lm.METHODS)}")
     parser.add_argument("--archs", help=f"comma-separated subset of {','.join(Setup.archs)}")
+    parser.add_argument("--targets", help="comma-separated subset of 2,3,4 (speed-ups)")
+    parser.add_argument("--batches", help="comma-separated subset of 1,32 (targets' batch)")
     parser.add_argument("--section", default="", help="RESULTS.md section (default latency)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # a shared machine: more threads only contend
     try:
         base = QUICK if args.quick else REDUCED if args.reduced else Setup()
-        setup = narrowed(base, archs=args.archs, methods=args.methods)
+        setup = narrowed(
+            base,
+            archs=args.archs,
+            methods=args.methods,
+            targets=args.targets,
+            batches=args.batches,
+        )
     except InputError as exc:
         parser.error(str(exc))  # exit 2: bad usage
     try:
@@ -373,7 +393,8 @@ def main() -> None:
     except CompressorError as exc:  # Torch-Pruning missing, a checkpoint of other settings
         raise SystemExit(f"Error: {exc}") from None
     flag = " --quick" if args.quick else " --reduced" if args.reduced else ""
-    given = (("archs", args.archs), ("methods", args.methods), ("section", args.section))
+    given = [(k, getattr(args, k)) for k in ("archs", "methods", "targets", "batches")]
+    given.append(("section", args.section))
     flag += "".join(f" --{k} {v}" for k, v in given if v)
     load = machine(load=not args.report_only)
     latency_report.write(

@@ -136,6 +136,13 @@ def test_narrowed_runs_a_subset_and_names_unknown_choices():
     assert bench.settings_of(setup) == bench.settings_of(bench.Setup())  # one checkpoint
     with pytest.raises(InputError, match=r"unknown methods \['BAR'\]; choose from BAR-mixed,"):
         bench.narrowed(bench.Setup(), methods="BAR,BAR-tied")
+    full = bench.narrowed(bench.REDUCED, targets="2,3,4", batches="32,1")
+    assert full.targets == (2.0, 3.0, 4.0) and full.batches == (32, 1)
+    assert bench.settings_of(full) == bench.settings_of(bench.REDUCED)  # the same checkpoint
+    with pytest.raises(InputError, match=r"^unknown targets \['5.0'\]; choose from 2,3,4$"):
+        bench.narrowed(bench.REDUCED, targets="2,5")
+    with pytest.raises(InputError, match=r"^unknown batches \['x'\]; choose from 1,32$"):
+        bench.narrowed(bench.REDUCED, batches="1,x")
 
 
 def test_cells_of_another_dense_model_are_refused(tmp_path, monkeypatch):
