@@ -436,35 +436,3 @@ def test_bar_prices_each_unit_at_its_own_ms_per_mac(tmp_path):
     for fqn, unit in units.items():
         flops = channel_weights(method.costs, unit, "flops", 0)
         torch.testing.assert_close(unit.weight, rates[fqn] * flops)
-
-
-def test_gss_ranks_channels_per_ms_saved_under_latency(tmp_path):
-    """Under latency the fitter ranks a channel by its score per ms its unit saves per
-    channel cut (the table, at half the unit): with equal scores the cut starts in the unit
-    that buys the most time per channel, where score alone starts at the first unit; other
-    metrics keep the scores as they are."""
-    from compressor.surgery.fit import FitUnit, fit_budget
-    from compressor.surgery.pricing import Pricer
-
-    model, x = _model("lenet5"), _x()
-    costs = CostModel(model, (x,), "tied")
-    groups = [g for g in costs.analysis.groups if not bool(g.fixed.all())]
-    units = [FitUnit(g.id, torch.ones(g.size), g.fixed) for g in groups]
-    assert Pricer(costs, model, (x,), "flops").per_price(units) is units
-    with latency_table(LatencyTable(SlowLinearTimer(), path=tmp_path / "table.json")):
-        pricer = Pricer(costs, model, (x,), "latency")
-        priced = pricer.per_price(units)
-        prices = []
-        for unit, ranked in zip(units, priced, strict=True):
-            cut = int((~unit.fixed).sum()) // 2
-            mask = torch.arange(unit.scores.numel()) >= cut  # no channel of LeNet-5 is fixed
-            prices.append((pricer.dense() - pricer.cost({unit.key: mask})) / cut)
-            assert ranked.key == unit.key and torch.equal(ranked.fixed, unit.fixed)
-            torch.testing.assert_close(ranked.scores, unit.scores / prices[-1])
-        dear = max(range(len(units)), key=prices.__getitem__)
-        assert dear != 0  # the test tells the orders apart
-        target = 0.9 * pricer.dense()
-        by_price = fit_budget(priced, pricer.cost, target, 0.85 * pricer.dense()).masks
-        by_score = fit_budget(units, pricer.cost, target, 0.85 * pricer.dense()).masks
-    assert [int((~m).sum()) > 0 for m in by_price] == [u == dear for u in range(len(units))]
-    assert int((~by_score[0]).sum()) > 0 and bool(by_score[dear].all())

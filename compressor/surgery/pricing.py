@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from compressor.surgery.cost import CostModel
-from compressor.surgery.fit import FitUnit, check_round_to
+from compressor.surgery.fit import check_round_to
 from compressor.surgery.latency import (
     LatencyModel,
     LatencyTable,
@@ -120,32 +120,6 @@ class Pricer:
         if saved <= 0.0:
             return self.per_count()
         return max(0.0, self._dense - self.latency.cost(cut)) / saved
-
-    def per_price(self, units: list[FitUnit]) -> list[FitUnit]:
-        """`units` with each score divided by its unit's price per channel under latency
-        (the same units otherwise): a knapsack's worth per cost, as HALP ranks channels.
-
-        A unit's price is what the table saves per channel cut when the unit keeps half its
-        free channels, all else dense. Ranked by score alone, a latency budget is met by
-        cutting on through channels that save little time (whatever the table's layers run
-        slowly per MAC is left): GSS's MobileNetV2 needed 8.6x fewer FLOPs for 2.4x lower
-        latency (bench/RESULTS.md latency). A unit whose cut saves nothing goes last.
-        """
-        if self.latency is None:
-            return units
-        priced = []
-        for unit in units:
-            free = (~unit.fixed).nonzero().flatten()
-            cut = len(free) // 2
-            if cut == 0:
-                priced.append(unit)
-                continue
-            mask = unit.fixed.clone()
-            mask[free[cut:]] = True
-            saved = self._dense - self.latency.cost({unit.key: mask})
-            price = max(saved, 1e-9 * self._dense) / cut
-            priced.append(FitUnit(unit.key, unit.scores / price, unit.fixed))
-        return priced
 
     def round_to(self, requested: int | None) -> int:
         """--round-to: the user's when given, else the table's rate multiple (latency) or 1."""

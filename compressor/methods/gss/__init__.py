@@ -289,13 +289,12 @@ class Gss(Method):
         if self.config.prune == "threshold":
             self.keep = threshold
         else:
-            # the least important channels go first (the regulariser decided the structure),
-            # under latency the least important per ms saved; land within half the toolkit's
-            # 0.5 % tolerance (targets.TARGET_TOLERANCE)
+            # the least important channels go first (the regulariser decided the structure);
+            # land within half the toolkit's 0.5 % tolerance (targets.TARGET_TOLERANCE)
             target, slack = self.budget.keep * dense, 0.5 * TARGET_TOLERANCE * dense
-            units = pricer.per_price(
-                [FitUnit(ng.group.id, rank, ~ng.channels) for ng, rank in zip(self.neurons, ranks)]
-            )
+            units = [
+                FitUnit(ng.group.id, rank, ~ng.channels) for ng, rank in zip(self.neurons, ranks)
+            ]
             self.extra["round_to"] = pricer.round_to(self.config.round_to)
             fit = fit_budget(
                 units, pricer.cost, target, target - slack, round_to=self.extra["round_to"]
