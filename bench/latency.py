@@ -14,9 +14,9 @@ BAR-tied, channel-magnitude, structured GSS, and Torch-Pruning 1.6.1 (MagnitudeP
 round_to 8). Every method trains the same epochs after pruning starts.
 
 Each row reaches its target by itself. Methods with the toolkit's `latency` budget metric
-take the target directly, with the measured check and re-fits `compress prune` runs
-(`prune(..., measure_latency=graph_measurer(...))`); when that check fails, the row records
-its error (`latency_error`) and falls back to the search. Otherwise the harness searches
+take a batch-1 target directly, with the measured check (at batch 1) and re-fits `compress
+prune` runs (`prune(..., measure_latency=graph_measurer(...))`); when that check fails, the
+row records its error (`latency_error`) and falls back to the search. Otherwise the harness searches
 the FLOP budget (`latency_search.search_factor`): probes prune on a short schedule, export to
 ONNX and time against the dense model (onnxruntime, 1 thread, alternating rounds, medians)
 until the speed-up is within `probe_tolerance`; then the full schedule runs at that budget and
@@ -48,6 +48,7 @@ from bench.common import OUT, dense_baseline, machine
 from bench.latency_search import CellStore, OrtTimer, search_factor
 from compressor.data import load_data
 from compressor.errors import CompressorError, InputError, first_line
+from compressor.latency_check import CHECKED_BATCH
 from compressor.stats import measure
 from compressor.train import evaluate
 from exporters.latency import graph_measurer
@@ -176,7 +177,9 @@ def main_cell(ctx: Context, name: str, target: float, batch: int, align: int | N
     row["round_to"] = "n/a" if align is None else align
     align = align or 1
     found = None
-    if name != lm.TP and lm.takes_latency(method):
+    # the toolkit checks a latency budget at batch 1 (latency_check.CHECKED_BATCH): a target
+    # at another batch is searched, or the row would be the batch-1 row timed at 32
+    if name != lm.TP and lm.takes_latency(method) and str(batch) == CHECKED_BATCH:
         try:
             model, info = lm.build_latency_model(
                 name, ctx.dense, ctx.data, target, align=align, epochs=setup.epochs,

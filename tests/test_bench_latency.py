@@ -71,6 +71,17 @@ def test_main_cell_meets_a_measured_speedup_on_a_fake_timer(fake_context):
     assert row["probes"] + row["runs"] == timer.calls
 
 
+def test_a_batch_32_target_is_searched_not_taken_by_the_latency_metric(fake_context, monkeypatch):
+    """The toolkit checks a latency budget at batch 1: a batch-32 row must not be that
+    batch-1 network timed at 32, so it searches the FLOP budget at batch 32."""
+    ctx, _ = fake_context
+    monkeypatch.setattr(lm, "takes_latency", lambda method: True)
+    monkeypatch.setattr(lm, "build_latency_model", lambda *a, **k: pytest.fail("batch 1 path"))
+    row = bench.main_cell(ctx, "channel-magnitude", 2.0, 32, 1)
+    assert row["path"] == "FLOP search" and "latency_error" not in row
+    assert row["met"] is True and row["speed-up b32"] == pytest.approx(2.0, rel=0.10)
+
+
 def test_rerun_skips_finished_cells(tmp_path, monkeypatch):
     setup = bench.Setup(
         archs=("lenet5",),
