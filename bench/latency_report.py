@@ -148,9 +148,14 @@ def pareto_plot(main: list[dict], dense: dict, folder, name: str) -> str | None:
         return None
     fig, axes = plt.subplots(len(archs), len(batches), figsize=(5 * len(batches), 3.6 * len(archs)),
                              squeeze=False)  # fmt: skip
+    keyed = None
     for i, arch in enumerate(archs):
         for j, batch in enumerate(batches):
             ax, cell = axes[i][j], [r for r in rows if r["model"] == arch and r["batch"] == batch]
+            if not cell:  # a partial run: this model has no row at this batch yet
+                ax.set_axis_off()
+                continue
+            keyed = keyed or ax  # the legend goes on the first panel with rows
             for method in dict.fromkeys(r["method"] for r in cell):
                 pts = [(r[f"ms b{batch}"], r["top-1 %"]) for r in cell if r["method"] == method]
                 ax.scatter(*zip(*pts), label=method, s=18)
@@ -164,7 +169,7 @@ def pareto_plot(main: list[dict], dense: dict, folder, name: str) -> str | None:
             ax.set_title(f"{arch}, batch {batch}", fontsize=9)
             ax.set_xlabel("ms (onnxruntime, 1 thread)")
             ax.set_ylabel("top-1 %")
-    axes[0][-1].legend(fontsize=7)
+    keyed.legend(fontsize=7)
     fig.tight_layout()
     path = folder / f"{name}_pareto.png"
     fig.savefig(path, dpi=100)

@@ -173,3 +173,16 @@ def test_cells_of_another_dense_model_are_refused(tmp_path, monkeypatch):
         "the one trained now has 88.1 % (1000). Delete the file's lenet5 cells to run them "
         "all again from this one"
     )
+
+
+def test_pareto_plot_of_a_partial_run_leaves_missing_cells_empty(tmp_path):
+    """A resumed grid may hold one model's batch-1 rows only; its batch-32 panel stays
+    empty instead of failing the report (a median of no rows)."""
+    row = {"method": "BAR-tied", "top-1 %": 80.0, "ms b1": 1.0, "dense ms b1": 2.0}
+    row |= {"ms b32": 30.0, "dense ms b32": 60.0}
+    main = [row | {"model": "resnet20", "batch": b} for b in (1, 32)]
+    main.append(row | {"model": "mobilenetv2", "batch": 1})
+    dense = {m: {"top-1 %": 86.0} for m in ("resnet20", "mobilenetv2")}
+    name = report.pareto_plot(main, dense, tmp_path, "partial")
+    assert name == "partial_pareto.png"
+    assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
