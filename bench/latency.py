@@ -16,8 +16,8 @@ round_to 8). Every method trains the same epochs after pruning starts.
 Each row reaches its target by itself. Methods with the toolkit's `latency` budget metric
 take a batch-1 target directly, with the measured check (at batch 1) and re-fits `compress
 prune` runs (`prune(..., measure_latency=graph_measurer(...))`); when that check fails, the
-row records its error (`latency_error`) and falls back to the search. Otherwise the harness searches
-the FLOP budget (`latency_search.search_factor`): probes prune on a short schedule, export to
+row records its error (`latency_error`) and falls back to the search. Otherwise (and for
+every batch-32 target) the harness searches the FLOP budget (`latency_search.search_factor`): probes prune on a short schedule, export to
 ONNX and time against the dense model (onnxruntime, 1 thread, alternating rounds, medians)
 until the speed-up is within `probe_tolerance`; then the full schedule runs at that budget and
 is timed again, and the search goes on with full runs while it misses `tolerance`. Torch-
