@@ -17,10 +17,11 @@ Each row reaches its target by itself. Methods with the toolkit's `latency` budg
 take a batch-1 target directly, with the measured check (at batch 1) and re-fits `compress
 prune` runs (`prune(..., measure_latency=graph_measurer(...))`); when that check fails, the
 row records its error (`latency_error`) and falls back to the search. Otherwise (and for
-every batch-32 target) the harness searches the FLOP budget (`latency_search.search_factor`): probes prune on a short schedule, export to
-ONNX and time against the dense model (onnxruntime, 1 thread, alternating rounds, medians)
-until the speed-up is within `probe_tolerance`; then the full schedule runs at that budget and
-is timed again, and the search goes on with full runs while it misses `tolerance`. Torch-
+every batch-32 target) the harness searches the FLOP budget (`latency_search.search_factor`):
+probes prune on a short schedule, export to ONNX and time against the dense model
+(onnxruntime, 1 thread, alternating rounds, medians) until the speed-up is within
+`probe_tolerance`; then the full schedule runs at that budget and is timed again, and the
+search goes on with full runs while it misses `tolerance`. Torch-
 Pruning's knob is its uniform pruning ratio, searched the same way. The `path` column says
 which way a row went. A second table prices alignment: every method at fixed FLOP cuts with
 and without round_to 8 (ours: "n/a" while the methods have no round_to).
