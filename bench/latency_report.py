@@ -141,6 +141,7 @@ def pareto_plot(main: list[dict], dense: dict, folder, name: str) -> str | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     rows = [r for r in main if "top-1 %" in r]
     archs, batches = sorted({r["model"] for r in rows}), sorted({r["batch"] for r in rows})
@@ -148,6 +149,8 @@ def pareto_plot(main: list[dict], dense: dict, folder, name: str) -> str | None:
         return None
     fig, axes = plt.subplots(len(archs), len(batches), figsize=(5 * len(batches), 3.6 * len(archs)),
                              squeeze=False)  # fmt: skip
+    # one colour per method in every panel; the legend lists them all on the first panel
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
     keyed = None
     for i, arch in enumerate(archs):
         for j, batch in enumerate(batches):
@@ -158,7 +161,7 @@ def pareto_plot(main: list[dict], dense: dict, folder, name: str) -> str | None:
             keyed = keyed or ax  # the legend goes on the first panel with rows
             for method in dict.fromkeys(r["method"] for r in cell):
                 pts = [(r[f"ms b{batch}"], r["top-1 %"]) for r in cell if r["method"] == method]
-                ax.scatter(*zip(*pts), label=method, s=18)
+                ax.scatter(*zip(*pts), label=method, s=18, color=colors[method])
             points = [(r[f"ms b{batch}"], r["top-1 %"]) for r in cell]
             if arch in dense:  # its latency: the median over the rows' alternating rounds
                 ms = statistics.median(r[f"dense ms b{batch}"] for r in cell)
@@ -169,7 +172,10 @@ def pareto_plot(main: list[dict], dense: dict, folder, name: str) -> str | None:
             ax.set_title(f"{arch}, batch {batch}", fontsize=9)
             ax.set_xlabel("ms (onnxruntime, 1 thread)")
             ax.set_ylabel("top-1 %")
-    keyed.legend(fontsize=7)
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=m) for m, c in colors.items()]
+    handles += [Line2D([], [], marker="*", ls="", color="k", label="dense")]
+    handles += [Line2D([], [], ls="--", lw=0.8, color="k", label="Pareto front")]
+    keyed.legend(handles=handles, fontsize=7)
     fig.tight_layout()
     path = folder / f"{name}_pareto.png"
     fig.savefig(path, dpi=100)
