@@ -51,6 +51,7 @@ CATALOG_JSON = r"""
         "batch_size=64",
         "bn_batches=100",
         "round_to=None",
+        "min_keep=None",
         "distill=True",
         "temperature=4.0",
         "alpha=0.9"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -436,3 +437,28 @@ def test_bar_prices_each_unit_at_its_own_ms_per_mac(tmp_path):
     for fqn, unit in units.items():
         flops = channel_weights(method.costs, unit, "flops", 0)
         torch.testing.assert_close(unit.weight, rates[fqn] * flops)
+
+
+def test_bar_under_latency_keeps_every_layer_at_its_floor(fake_table, small_digits):
+    """No unit collapses while others stay wide: each keeps LATENCY_FLOOR of its channels."""
+    from compressor.methods.bar import LATENCY_FLOOR
+
+    result = prune(_model("resnet20"), "bar", Budget("latency", 0.5), small_digits, **FAST["bar"])
+    report = result.report
+    assert report["config"]["min_keep"] == LATENCY_FLOOR  # the floor used, not the None
+    for layer in report["layers"]:
+        assert layer["kept"] >= math.ceil(LATENCY_FLOOR * layer["channels"]), layer
+    assert (
+        f"(every layer keeps {LATENCY_FLOOR:.3g} of its channels or more)"
+        in (report["budget_step"]["note"])
+    )
+    flops = prune(_model("resnet20"), "bar", Budget("flops", 0.5), small_digits, **FAST["bar"])
+    assert flops.report["config"]["min_keep"] == 0.0  # the gates alone decide under FLOPs
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
+def test_a_bad_min_keep_is_refused(bad):
+    from compressor.errors import InputError
+
+    with pytest.raises(InputError, match=f"min_keep {bad!r}: give the share of each layer"):
+        get_method("bar")(_model("lenet5"), Budget("latency", 0.5), min_keep=bad)

@@ -90,3 +90,26 @@ def test_below_the_smallest_network_is_refused():
 def test_bad_round_to_is_refused(bad):
     with pytest.raises(InputError, match=f"round_to {bad!r}: give a whole number"):
         check_round_to(bad)
+
+
+def test_a_floor_keeps_every_unit_from_collapsing():
+    # "cheap" has the lowest scores: without a floor it loses all but one channel
+    units = [_unit("cheap", 32, 0.0), _unit("wide", 32, 0.5)]
+    weights = {"cheap": 1, "wide": 1}
+    bare = fit_budget(units, _linear_cost(weights), target=32, low=32)
+    assert [int(m.sum()) for m in bare.masks] == [1, 31] and bare.floor == 0.0
+    fit = fit_budget(units, _linear_cost(weights), target=32, low=32, floor=0.375)
+    assert [int(m.sum()) for m in fit.masks] == [12, 20] and fit.floor == 0.375
+    # the floor keeps each unit's best channels; aligned, it rounds up to a multiple
+    assert torch.equal(fit.masks[0], torch.arange(32) >= 20)
+    aligned = fit_budget(units, _linear_cost(weights), 32, 24, floor=0.375, round_to=8)
+    assert [int(m.sum()) for m in aligned.masks] == [16, 16]
+
+
+def test_a_floor_the_budget_cannot_afford_halves_then_goes():
+    units = [_unit("a", 32, 0.0), _unit("b", 32, 0.5)]
+    weights = {"a": 1, "b": 1}
+    halved = fit_budget(units, _linear_cost(weights), target=16, low=16, floor=0.5)
+    assert halved.floor == 0.25 and [int(m.sum()) for m in halved.masks] == [8, 8]
+    gone = fit_budget(units, _linear_cost(weights), target=4, low=4, floor=0.5)
+    assert gone.floor == 0.0 and [int(m.sum()) for m in gone.masks] == [1, 3]

@@ -16,11 +16,17 @@ score among the channels it moves.
 3. Trade: still below `low` (every step back overshoots: coarse channels, e.g. of a large
    feature map, or aligned steps), one unit steps back up (one to TRADE_STEPS steps) and
    the removal runs again on the other units.
+
+A `floor` keeps every unit at that share of its channels or more (rounded up to an allowed
+count), so no layer collapses to a few channels while others stay wide; when even the
+floored smallest network costs more than the target, the floor halves (FLOOR_TRIES times),
+then goes.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +38,7 @@ MAX_TRIALS = 400  # single-step trials after a bisection
 MAX_TRADES = 32  # units tried a step up in the trade phase
 TRADE_STEPS = 4  # steps up one unit may take there (aligned steps are coarse)
 TRADE_TRIALS = 32  # single-step trials after each trade's bisection
+FLOOR_TRIES = 2  # halvings of a floor the budget cannot afford before it is dropped
 
 
 @dataclass(frozen=True)
@@ -59,17 +66,19 @@ class Fit:
     removed: int = 0
     restored: int = 0
     miss: str | None = None  # why the cost stayed below `low`, when it did
+    floor: float = 0.0  # the share of each unit's channels every unit kept at least
 
 
 class _Ladder:
     """One unit's channels in keeping order (fixed first, then by score) and allowed counts."""
 
-    def __init__(self, unit: FitUnit, round_to: int):
+    def __init__(self, unit: FitUnit, round_to: int, floor: float = 0.0):
         scores = unit.scores.detach().float().masked_fill(unit.fixed, float("inf"))
         self.order = torch.sort(scores, descending=True, stable=True).indices
         self.ranked = scores[self.order]
         size, fixed = len(scores), int(unit.fixed.sum())
-        self.counts = aligned_counts(size, fixed, round_to)
+        least = math.ceil(floor * size - 1e-9)  # the floor's count (1e-9: 0.375 * 64 is 24)
+        self.counts = [k for k in aligned_counts(size, fixed, round_to) if k >= least]
 
     def mask(self, level: int) -> torch.Tensor:
         mask = torch.zeros(len(self.order), dtype=torch.bool)
@@ -107,6 +116,7 @@ def fit_budget(
     low: float,
     start: list[torch.Tensor] | None = None,
     round_to: int = 1,
+    floor: float = 0.0,
 ) -> Fit:
     """Keep masks per unit whose cost lies in [low, target] (see the module docstring).
 
@@ -118,12 +128,25 @@ def fit_budget(
         start: A decision to start from (a learned one), kept as it is when it lies in
             the window and is aligned; default: every channel kept.
         round_to: Kept counts are multiples of this, or a unit's full size.
+        floor: Every unit keeps at least this share of its channels while the budget
+            allows (halved, then dropped, when it does not: `Fit.floor` is the one kept).
 
     Raises:
-        BelowSmallestNetworkError: Even the smallest network (each unit at its floor) costs
-            more than `target`.
+        BelowSmallestNetworkError: Even the smallest network (each unit at one channel, or
+            its fewest aligned ones) costs more than `target`.
     """
-    search = _Search(units, cost, check_round_to(round_to) or 1)
+    round_to = check_round_to(round_to) or 1
+    shares = [floor / 2**i for i in range(FLOOR_TRIES + 1)] if floor > 0 else []
+    for share in [*shares, 0.0]:
+        search = _Search(units, cost, round_to, share)
+        if share == 0.0 or search.cost([0] * len(units)) <= target:
+            break
+    fit = _fitted(search, start, target, low)
+    fit.floor = share
+    return fit
+
+
+def _fitted(search: _Search, start, target: float, low: float) -> Fit:
     masks = search.start_masks(start)
     before = search.cost_of_masks(masks)
     if low <= before <= target and search.aligned(masks):
@@ -141,9 +164,10 @@ def fit_budget(
 class _Search:
     """The fitter's state: ladders per unit and the cost of a vector of levels."""
 
-    def __init__(self, units: list[FitUnit], cost: Callable[[dict], float], round_to: int):
+    def __init__(self, units: list[FitUnit], cost: Callable[[dict], float], round_to: int,
+                 floor: float = 0.0):  # fmt: skip
         self.units, self._cost, self.round_to = units, cost, round_to
-        self.ladders = [_Ladder(u, round_to) for u in units]
+        self.ladders = [_Ladder(u, round_to, floor) for u in units]
 
     def start_masks(self, start: list[torch.Tensor] | None) -> list[torch.Tensor]:
         if start is None:
