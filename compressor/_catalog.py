@@ -188,7 +188,8 @@ CATALOG_JSON = r"""
         "inputs=True",
         "momentum=0.9",
         "batch_size=100",
-        "round_to=None"
+        "round_to=None",
+        "min_keep=None"
       ]
     },
     "magnitude-erk": {

@@ -18,6 +18,7 @@ from compressor.methods import get_method, prune
 from compressor.methods.driver import REFIT_FROM
 from compressor.stats import measure
 from compressor.surgery.cost import CostModel
+from compressor.surgery.fit import LATENCY_FLOOR
 from compressor.surgery.latency import LatencyModel, LatencyTable, OrtLayerTimer, rate_multiple
 from compressor.surgery.pricing import latency_table
 from tests.test_surgery_latency import FakeTimer
@@ -439,26 +440,32 @@ def test_bar_prices_each_unit_at_its_own_ms_per_mac(tmp_path):
         torch.testing.assert_close(unit.weight, rates[fqn] * flops)
 
 
-def test_bar_under_latency_keeps_every_layer_at_its_floor(fake_table, small_digits):
-    """No unit collapses while others stay wide: each keeps LATENCY_FLOOR of its channels."""
-    from compressor.methods.bar import LATENCY_FLOOR
+def _conv(module) -> bool:
+    return isinstance(module, torch.nn.Conv2d)
 
-    result = prune(_model("resnet20"), "bar", Budget("latency", 0.5), small_digits, **FAST["bar"])
+
+@pytest.mark.parametrize("method", ["bar", "gss"])
+def test_under_latency_every_layer_keeps_its_floor(method, fake_table, small_digits):
+    """No unit collapses while others stay wide: each keeps LATENCY_FLOOR of its channels."""
+    result = prune(_model("resnet20"), method, Budget("latency", 0.5), small_digits, **FAST[method])
     report = result.report
     assert report["config"]["min_keep"] == LATENCY_FLOOR  # the floor used, not the None
-    for layer in report["layers"]:
-        assert layer["kept"] >= math.ceil(LATENCY_FLOOR * layer["channels"]), layer
-    assert (
-        f"(every layer keeps {LATENCY_FLOOR:.3g} of its channels or more)"
-        in (report["budget_step"]["note"])
-    )
-    flops = prune(_model("resnet20"), "bar", Budget("flops", 0.5), small_digits, **FAST["bar"])
-    assert flops.report["config"]["min_keep"] == 0.0  # the gates alone decide under FLOPs
+    dense = {n: m.out_channels for n, m in _model("resnet20").named_modules() if _conv(m)}
+    kept = {n: m.out_channels for n, m in result.model.named_modules() if _conv(m)}
+    assert kept.keys() == dense.keys() and kept != dense
+    for name, channels in dense.items():
+        assert kept[name] >= math.ceil(LATENCY_FLOOR * channels), (name, kept[name])
+    if method == "bar":
+        note = report["budget_step"]["note"]
+        assert f"(every layer keeps {LATENCY_FLOOR:.3g} of its channels or more)" in note
+    flops = prune(_model("resnet20"), method, Budget("flops", 0.5), small_digits, **FAST[method])
+    assert flops.report["config"]["min_keep"] == 0.0  # the scores alone decide under FLOPs
 
 
+@pytest.mark.parametrize("method", ["bar", "gss"])
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
-def test_a_bad_min_keep_is_refused(bad):
+def test_a_bad_min_keep_is_refused(method, bad):
     from compressor.errors import InputError
 
     with pytest.raises(InputError, match=f"min_keep {bad!r}: give the share of each layer"):
-        get_method("bar")(_model("lenet5"), Budget("latency", 0.5), min_keep=bad)
+        get_method(method)(_model("lenet5"), Budget("latency", 0.5), min_keep=bad)

@@ -106,7 +106,7 @@ from compressor.methods.bar.slim import (
 from compressor.methods.base import Method, MethodConfig, Result, jsonable, register_method
 from compressor.methods.phases import Phase, device_of, fixed_weights, task_loss_of
 from compressor.surgery.cost import CostModel
-from compressor.surgery.fit import check_round_to, fit_budget
+from compressor.surgery.fit import check_min_keep, check_round_to, fit_budget, floor_of
 from compressor.surgery.pricing import Pricer
 from compressor.surgery.streams import check_exact
 from compressor.train import Distill, sgd
@@ -115,23 +115,6 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from compressor.data import Data
-
-
-# min_keep's default under a latency budget ("Choices of ours"); ResNet-20 tied at 2x kept
-# 76.45 / 81.65 / 83.75 / 83.43 % top-1 at floors 0 / 0.25 / 0.375 / 0.5
-LATENCY_FLOOR = 0.375
-
-
-def check_min_keep(value) -> float | None:
-    """`min_keep` as a share in [0, 1) (None: the metric's default), else InputError."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise InputError(
-            f"min_keep {value!r}: give the share of each layer's channels every layer keeps "
-            "at least, from 0 (no floor) to below 1, e.g. --set min_keep=0.25"
-        )
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -195,7 +178,7 @@ class BarConfig(MethodConfig):
     round_to: int | None = None
     # Every unit keeps at least this share of its channels (its highest log alpha) while
     # the budget allows; halved, then dropped, when it does not (ours: no layer collapses).
-    # None: LATENCY_FLOOR under a latency budget, else 0 (the gates alone decide)
+    # None: fit.LATENCY_FLOOR under a latency budget, else 0 (the gates alone decide)
     min_keep: float | None = None
 
     # --- Distillation (METHODS.md: objective): L_task is KD from the dense model.
@@ -380,9 +363,6 @@ class Bar(Method):
         low = self.target - min(self.config.tolerance * self.target, 0.005 * self.dense_cost)
         scores = [u.log_alpha.detach() for u in units]
         self.round_to = self.pricer.round_to(self.config.round_to)
-        floor = self.config.min_keep
-        if floor is None:
-            floor = LATENCY_FLOOR if self.budget.metric == "latency" else 0.0
         self.adjustment = fit_budget(
             fit_units(units, scores),
             self.pricer.cost,
@@ -390,7 +370,7 @@ class Bar(Method):
             low,
             start=self.learned_masks(),
             round_to=self.round_to,
-            floor=floor,
+            floor=floor_of(self.config.min_keep, self.budget.metric),
         )
         self.min_keep = self.adjustment.floor
         self.pricer.save()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from compressor.errors import InputError
-from compressor.surgery.fit import check_round_to
+from compressor.surgery.fit import check_min_keep, check_round_to
 
 if TYPE_CHECKING:
     from compressor.budget import Budget
@@ -37,6 +37,7 @@ def check_config(cfg: GssConfig, budget: Budget) -> str:
     if cfg.lambda_ < 0 or cfg.ratio <= 0 or cfg.eps < 0:
         raise InputError("gss: --lambda and eps must be >= 0 and ratio > 0")
     check_round_to(cfg.round_to)
+    check_min_keep(cfg.min_keep)
     variant = cfg.variant
     if variant == "auto":
         variant = "structure" if budget.metric in ("flops", "latency") else "element"
