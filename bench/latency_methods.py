@@ -153,10 +153,14 @@ def build_row_model(
     return model, info
 
 
-def build_latency_model(name, dense, data, target: float, *, align: int, epochs: int, measure=None):
+def build_latency_model(
+    name, dense, data, target: float, *, align: int, epochs: int, measure=None, extra=None
+):
     """(model, info) of row `name` pruned straight to a latency budget, checked on the
-    exported graph by `measure` (exporters.latency.graph_measurer) as `compress prune` does."""
+    exported graph by `measure` (exporters.latency.graph_measurer) as `compress prune` does;
+    `extra`: more method options (e.g. min_keep)."""
     options = schedule(name, epochs, probe=False) | ({"round_to": align} if align > 1 else {})
+    options |= extra or {}
     start = time.perf_counter()
     budget = Budget("latency", 1.0 / target)
     result = prune_ours(name, dense, data, budget, options, measure_latency=measure)
