@@ -186,3 +186,19 @@ def test_pareto_plot_of_a_partial_run_leaves_missing_cells_empty(tmp_path):
     name = report.pareto_plot(main, dense, tmp_path, "partial")
     assert name == "partial_pareto.png"
     assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_floor_table_marks_misses_and_failed_checks():
+    from bench.latency_floor import table
+
+    row = {"model": "resnet20", "method": "BAR-tied", "top-1 %": 83.75, "FLOPs x": 4.218}
+    row |= {"speed-up b1": 1.953, "speed-up b32": 1.873, "channels": {"stem.0": 8, "c": 16}}
+    rows = [
+        row | {"floor": 0.375, "met": True},
+        row | {"floor": 0.0, "met": False, "speed-up b1": 1.5},
+        {"model": "resnet20", "method": "GSS-structured", "floor": 0.5, "error": "gss: missed"},
+    ]
+    lines = table(rows).splitlines()
+    assert lines[2] == "| resnet20 | BAR-tied | 0.375 | 83.75 | 1.95x | 1.87x | 4.22x | 8,16 |"
+    assert "| 1.50x (missed) |" in lines[3]
+    assert lines[4].startswith("| resnet20 | GSS-structured | 0.5 | gss: missed |")
