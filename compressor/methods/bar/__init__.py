@@ -62,16 +62,11 @@ Choices of ours, where METHODS.md is silent or we depart from it:
 * For the latency metric (a per-layer onnxruntime table, surgery/latency.py) A_l is that
   FLOP weight times the unit's own ms per MAC: what the table saves per MAC saved when the
   unit keeps half its channels (`Pricer.rate`); V and the budget step use the table itself.
-* Under a latency budget the decision keeps every unit at `min_keep` (0.375) of its
-  channels or more, its highest log alpha, halving the floor while the budget cannot
-  afford it (METHODS.md has no floor). Why: priced by the table, the gates collapse whole
-  stages to 8 channels, residual streams included, while other layers stay wide (tied
-  ResNet-20 at 2x: stage 2 and stage 3's stream at 8 of 32 / 64); such a network needs
-  more FLOPs cut per ms saved and fine-tunes back worse. bench.latency, tied, 2x at batch
-  1, 3 epochs: ResNet-20 76.45 -> 83.75 % top-1, ResNet-56 81.62 -> 83.20 %,
-  MobileNetV2 82.13 -> 83.85 %, each still within 10 % of 2x measured. Under FLOPs and
-  volume the gates did not collapse (ResNet-20 at 4x FLOPs keeps stage 3's stream at 32
-  of 64): no floor there unless `min_keep` is given.
+* Under a latency budget every unit keeps `min_keep` (0.375) of its channels or more (best
+  log alpha), halving while the budget cannot afford it (METHODS.md has none). Why: priced
+  by the table the gates collapse whole stages and streams to 8 channels, which costs more
+  FLOPs per ms saved and fine-tunes worse. 2x, tied, 3 epochs: 76.45 -> 83.75 % top-1 on
+  ResNet-20, +1.6 / +1.7 on ResNet-56 / MobileNetV2 (bench/RESULTS.md latency_floor).
 """
 
 from __future__ import annotations
@@ -94,6 +89,7 @@ from compressor.methods.bar.gates import (
     transition,
 )
 from compressor.methods.bar.slim import (
+    budget_note,
     example_of,
     excluder,
     own_counts,
@@ -176,8 +172,7 @@ class BarConfig(MethodConfig):
     # them), the widths vectorised kernels run fastest at; None: 1, or under a latency
     # budget the multiple where the measured table's kernel rate steps up
     round_to: int | None = None
-    # Every unit keeps at least this share of its channels (its highest log alpha) while
-    # the budget allows; halved, then dropped, when it does not (ours: no layer collapses).
+    # Every unit keeps this share of its channels or more while the budget allows (ours);
     # None: fit.LATENCY_FLOOR under a latency budget, else 0 (the gates alone decide)
     min_keep: float | None = None
 
@@ -320,7 +315,7 @@ class Bar(Method):
             self.adjustment,
             tied,
         )
-        report["budget_step"]["note"] = self._note()
+        report["budget_step"]["note"] = budget_note(self.adjustment, self.dense_cost)
         report["tied_streams"] = list(self.tied.values())
         self.model = slimmed.model  # what the fine-tuning phases train
         self.result = Result(slimmed.model, report)
@@ -380,17 +375,6 @@ class Bar(Method):
             one = torch.ones_like(z)
             kept = torch.where(z > 0, z, one) if self.config.fold_gates else one
             unit.frozen = torch.where(mask, kept, 0.0)
-
-    def _note(self) -> str:
-        adj = self.adjustment
-        floor = f" (every layer keeps {adj.floor:.3g} of its channels or more)" if adj.floor else ""
-        if not (adj.removed or adj.restored):
-            return "the gates alone met the budget" + floor
-        return (
-            f"the gates reached keep {adj.before / self.dense_cost:.4f}; the budget step "
-            f"removed {adj.removed} channels with the lowest and restored {adj.restored} "
-            f"with the highest log alpha{floor}"
-        )
 
     # --- the schedule of phases -------------------------------------------------------------
 

@@ -161,3 +161,15 @@ def own_counts(units: list[GateUnit]) -> dict[int, int]:
         if unit.own is not None:
             counts[unit.group.id] = counts.get(unit.group.id, 0) + 1
     return counts
+
+
+def budget_note(adj: Fit, dense_cost: float) -> str:
+    """The report's word on the budget step: what the gates reached and what it moved."""
+    floor = f" (every layer keeps {adj.floor:.3g} of its channels or more)" if adj.floor else ""
+    if not (adj.removed or adj.restored):
+        return "the gates alone met the budget" + floor
+    return (
+        f"the gates reached keep {adj.before / dense_cost:.4f}; the budget step removed "
+        f"{adj.removed} channels with the lowest and restored {adj.restored} with the highest "
+        f"log alpha{floor}"
+    )
