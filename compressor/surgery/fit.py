@@ -99,7 +99,7 @@ def aligned_counts(size: int, fixed: int, round_to: int = 1) -> list[int]:
 
 # The floor structured methods keep under a latency budget (`min_keep` None): priced by the
 # latency table their decisions collapsed whole stages to 8 channels. Tied, 2x measured at
-# batch 1, 3 epochs (bench.latency), top-1 without -> with: BAR ResNet-20 76.45 -> 83.75
+# batch 1, 3 epochs (bench.latency_floor), top-1 without -> with: BAR ResNet-20 76.45 -> 83.75
 # (floors 0.25 / 0.5: 81.65 / 83.43), ResNet-56 81.62 -> 83.20, MobileNetV2 82.13 -> 83.85;
 # structured GSS 80.10 -> 81.49, 82.20 -> 82.20, 67.99 -> 77.31.
 LATENCY_FLOOR = 0.375

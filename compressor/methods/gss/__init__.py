@@ -29,7 +29,7 @@ costs the fine-tuning alone, and successive re-fits cut the same ranking).
 Under a latency budget the ranked cut keeps every neuron group at `min_keep` (0.375) of its
 channels or more, halved while the budget cannot afford it (ours; the official code has no
 latency budget). Why: priced by the latency table, the cut left MobileNetV2's expansions at
-8 channels; at 2x measured (bench.latency, 3 epochs) MobileNetV2 keeps 77.31 % top-1 where
+8 channels; at 2x measured (bench.latency_floor, 3 epochs) MobileNetV2 keeps 77.31 % top-1 where
 it kept 67.99, ResNet-20 81.49 where 80.10, ResNet-56 the same 82.20 (the floor was met).
 
 `--pattern` (element variant, prune=budget): the ranked cut's scores summed per block, or
