@@ -20,7 +20,8 @@ from bench import latency as L
 from bench import latency_methods as lm
 from bench.common import machine, write_section
 from bench.latency_search import CellStore
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, InputError
+from compressor.surgery.fit import check_min_keep
 from exporters.latency import graph_measurer
 
 FLOORS = (0.0, 0.375)
@@ -71,10 +72,15 @@ def main() -> None:
     torch.set_num_threads(1)  # a shared machine: more threads only contend
     setup = L.REDUCED
     archs, methods = args.archs.split(","), args.methods.split(",")
-    floors = [float(f) for f in args.floors.split(",")]
+    try:
+        floors = [check_min_keep(L._parsed(float, f)) for f in args.floors.split(",")]
+    except InputError as exc:
+        parser.error(str(exc))  # exit 2: bad usage
     unknown = sorted(set(methods) - set(lm.OURS)) + sorted(set(archs) - set(L.Setup.archs))
     if unknown:
-        parser.error(f"unknown {unknown}; methods: {','.join(lm.OURS)}, archs: resnet20,...")
+        parser.error(
+            f"unknown {unknown}; methods: {','.join(lm.OURS)}; archs: {','.join(L.Setup.archs)}"
+        )
     store = CellStore(L.CHECKPOINTS / "latency_floor.json", L.settings_of(setup))
     flags = f" --archs {args.archs} --methods {args.methods} --floors {args.floors}"
     for arch in archs:

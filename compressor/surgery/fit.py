@@ -78,7 +78,7 @@ class _Ladder:
         self.ranked = scores[self.order]
         size, fixed = len(scores), int(unit.fixed.sum())
         least = math.ceil(floor * size - 1e-9)  # the floor's count (1e-9: 0.375 * 64 is 24)
-        self.counts = [k for k in aligned_counts(size, fixed, round_to) if k >= least]
+        self.counts = aligned_counts(size, max(fixed, least), round_to)
 
     def mask(self, level: int) -> torch.Tensor:
         mask = torch.zeros(len(self.order), dtype=torch.bool)
@@ -92,7 +92,7 @@ class _Ladder:
 
 def aligned_counts(size: int, fixed: int, round_to: int = 1) -> list[int]:
     """The kept counts a unit may take, ascending: multiples of `round_to` from its floor
-    (one channel, or its fixed ones) up, and its full size."""
+    (one channel, or the `fixed` count it keeps at least) up, and its full size."""
     floor = max(1, fixed)
     return [k for k in range(round_to, size, round_to) if k >= floor] + [size]
 
