@@ -215,6 +215,24 @@ def test_fixed_weights_compute_no_gradients_and_change_nothing(small_digits, mon
         assert torch.equal(a, b), name
 
 
+def test_gate_steps_cut_phase_one_to_that_many_steps(small_digits, monkeypatch):
+    """gate_steps replaces phase 1's epochs: exactly that many gate steps, the budget
+    schedule run to its end (progress 1) within them, and the budget met."""
+    seen = []
+    step = Bar.step
+    monkeypatch.setattr(Bar, "step", lambda m, p: seen.append(p) or step(m, p))
+    options = {"epochs": 5, "gate_steps": 3, "finetune_epochs": 0, "residual": "tied"}
+    result = prune(_model("resnet20"), "bar", "2x", small_digits, **options)
+    assert seen == [1 / 3, 2 / 3, 1.0]
+    assert result.report["config"]["gate_steps"] == 3
+    assert 0.99 * 0.5 <= result.report["achieved"]["keep"] <= 0.5
+
+
+def test_a_bad_gate_steps_is_refused():
+    with pytest.raises(InputError, match="gate_steps 0: give 1 or more steps"):
+        Bar(_model("resnet20"), Budget("flops", 0.5), gate_steps=0)
+
+
 def _grads(model: torch.nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.requires_grad for p in params), sum(p.grad is not None for p in params)

@@ -27,6 +27,7 @@ from compressor.budget import Budget
 from compressor.errors import (
     InputError,
 )
+from compressor.lift import clone_model
 from compressor.masks import (
     apply_masks_,
     layer_floors,
@@ -38,12 +39,12 @@ from compressor.methods.options import checked_config
 from compressor.methods.phases import Phase, drive
 from compressor.pattern_masks import method_pattern, pattern_report
 from compressor.stats import sparsity_of
+from compressor.train import Distill
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from compressor.data import Data
-    from compressor.train import Distill
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,14 @@ class Method:
         found = distill.training_data(data, batch_size, self.model, temperature, alpha)
         self.labels, self.soft_targets = found.report, found.soft
         return found.loader
+
+    def teacher(self) -> Distill | None:
+        """What training distils from: the soft targets `training_data()` made, else (config
+        `distill` on) the model as it is now, frozen: call before changing it."""
+        cfg = self.config
+        if self.soft_targets is not None or not getattr(cfg, "distill", False):
+            return self.soft_targets
+        return Distill(clone_model(self.model).eval(), cfg.temperature, cfg.alpha)
 
     def base_report(self) -> dict:
         """The fields every report has: method, config, budget, per-layer sparsity."""

@@ -36,10 +36,10 @@ Choices of ours, where METHODS.md is silent or we depart from it:
 * Phase 1 trains the gates alone (`freeze_weights`): the weights keep the trained model's
   values (lr 0; outside data-parallel runs they compute no gradients: the same result, a
   2-epoch run 19 % faster, bench.bar_phase1), where the paper trains both. Why
-  (bench.bar_short: ResNet-20, 3.7x FLOPs, medians): +4.1 / +2.9 top-1 points tied /
-  mixed at 1+2 epochs, +1.6 / +2.8 at 4+4; weights trained under sampled gates drift
-  further than fine-tuning recovers. LeNet-5
-  (bench.bar_freeze, 2x / 4x, 1+1 to 3+2): +0.4 to +1.8, +1.4 to +6.7 two epochs into training.
+  (bench.bar_short: ResNet-20, 3.7x FLOPs, medians): +4.1 / +2.9 top-1 points tied / mixed
+  at 1+2 epochs, +1.6 / +2.8 at 4+4; weights trained under sampled gates drift further than
+  fine-tuning recovers. LeNet-5 (bench.bar_freeze, 2x / 4x, 1+1 to 3+2): +0.4 to +1.8, +1.4
+  to +6.7 two epochs into training.
 * With fixed weights a kept channel enters the slimmed network as trained, at gate 1
   (`fold_gates`), where the paper folds its test gate value into its norm (below 1 until
   log alpha passes ln 11; it starts at 0). Why: fixed weights never learned those scales.
@@ -79,7 +79,6 @@ import torch
 
 from compressor import distributed
 from compressor.errors import InputError
-from compressor.lift import clone_model
 from compressor.methods.bar.cost import at_least_one_, fit_units, keep_dict, unit_weights
 from compressor.methods.bar.gates import (
     Gates,
@@ -100,12 +99,12 @@ from compressor.methods.bar.slim import (
     with_residual,
 )
 from compressor.methods.base import Method, MethodConfig, Result, jsonable, register_method
-from compressor.methods.phases import Phase, device_of, fixed_weights, task_loss_of
+from compressor.methods.phases import Phase, device_of, epochs_for, fixed_weights, task_loss_of
 from compressor.surgery.cost import CostModel
 from compressor.surgery.fit import check_min_keep, check_round_to, fit_budget, floor_of
 from compressor.surgery.pricing import Pricer
 from compressor.surgery.streams import check_exact
-from compressor.train import Distill, sgd
+from compressor.train import sgd
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -154,6 +153,7 @@ class BarConfig(MethodConfig):
     # --- Schedule (METHODS.md: train with gates, hard-prune, train more, lower the lr and
     # train a little more; paper 80/40/10 epochs on CIFAR, scaled down for small data).
     epochs: int = 8  # phase 1, the gates learn (the weights too without freeze_weights)
+    gate_steps: int | None = None  # phase 1 takes this many steps instead of `epochs` (ours)
     finetune_epochs: int = 5  # phases 2 + 3, gates frozen (the slimmed net trains)
     lowlr_fraction: float = 0.2  # phase 3's share of phases 2 + 3: paper 10 of 40 + 10 epochs
     lowlr_factor: float = 0.1  # phase 3 "lowers the learning rate": the usual 10x step
@@ -202,6 +202,8 @@ class Bar(Method):
         if not (self.config.gamma < 0.0 and self.config.zeta > 1.0 and self.config.beta > 0):
             raise InputError("Hard Concrete needs gamma < 0 < 1 < zeta and beta > 0")
         check_round_to(self.config.round_to)
+        if self.config.gate_steps is not None and self.config.gate_steps < 1:
+            raise InputError(f"gate_steps {self.config.gate_steps}: give 1 or more steps")
         self.round_to = self.config.round_to  # the one used: set by decide()
         self.min_keep = check_min_keep(self.config.min_keep)  # the one used: set by decide()
         if self.config.fold_gates is None:  # the report's config shows the way taken
@@ -384,16 +386,14 @@ class Bar(Method):
         cfg = self.config
         # without labels the dense model's soft targets and pseudo-labels replace them
         loader = self.training_data(data, cfg.batch_size, cfg.temperature, cfg.alpha)
-        distill = self.soft_targets
-        if distill is None and cfg.distill:
-            distill = Distill(clone_model(self.model).eval(), cfg.temperature, cfg.alpha)
+        distill = self.teacher()
         self.prepare(data.sample_inputs(2).to(device_of(self.model)))
         lr, decay = (0.0, 0.0) if cfg.freeze_weights else (cfg.lr, cfg.weight_decay)
         optimizer = sgd(self.model.parameters(), lr, cfg.momentum, decay)
         loss = task_loss_of(distill, self.penalty)
-        gates = Phase(
-            "bar: gates", self.model, cfg.epochs, loader, optimizer, loss, None, self.step
-        )
+        epochs = cfg.epochs if cfg.gate_steps is None else epochs_for(cfg.gate_steps, loader)
+        gates = Phase("bar: gates", self.model, epochs, loader, optimizer, loss, None, self.step)
+        gates.steps = cfg.gate_steps  # phase 1 in steps, not epochs
         with fixed_weights(self.model, cfg.freeze_weights):  # no weight gradients computed
             yield from self.trained_phase(gates)  # a latency re-fit restores it instead
         self.slim()

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from compressor.errors import InputError
-from compressor.lift import clone_model
 from compressor.methods.bar import BarConfig
 from compressor.methods.bar.cost import at_least_one_, fit_units, keep_dict
 from compressor.methods.bar.gates import GateUnit, build_units
@@ -44,7 +43,6 @@ from compressor.surgery import mask_
 from compressor.surgery.cost import CostModel
 from compressor.surgery.fit import check_round_to, fit_budget
 from compressor.surgery.pricing import Pricer
-from compressor.train import Distill
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -195,9 +193,7 @@ class ChannelMagnitude(Method):
         cfg = self.config
         # without labels the dense model's soft targets and pseudo-labels replace them
         loader = self.training_data(data, cfg.batch_size, cfg.temperature, cfg.alpha)
-        distill = self.soft_targets
-        if distill is None and cfg.distill:
-            distill = Distill(clone_model(self.model).eval(), cfg.temperature, cfg.alpha)
+        distill = self.teacher()
         self.prepare(data.sample_inputs(2).to(device_of(self.model)))
         self.slim()
         yield slimmed_finetune_phase(self.model, loader, cfg, distill)
