@@ -1,12 +1,14 @@
-"""The latency budget's layer floor (`min_keep`): top-1 and measured speed-up per floor.
+"""The structured methods' layer floor (`min_keep`): top-1 and measured speed-up per floor.
 
     .venv/bin/python -m bench.latency_floor   # BAR-tied, GSS: 3 models, floors 0 and 0.375
     .venv/bin/python -m bench.latency_floor --archs resnet20 --methods BAR-tied --floors 0,0.25,0.5
+    .venv/bin/python -m bench.latency_floor --flops 4 --methods BAR-tied,BAR-mixed,GSS-structured
 
 Each cell is a bench.latency row on its reduced setup (5k Fashion-MNIST images, 3 epochs after
-pruning starts, round_to 8, onnxruntime with 1 thread) pruned straight to a measured 2x at
-batch 1 with `--budget-metric latency` and `min_keep` set to the floor; the toolkit's own check
-times the exported graph. Cells are checkpointed in bench/checkpoints/latency_floor.json.
+pruning starts, round_to 8, onnxruntime with 1 thread) with `min_keep` set to the floor,
+pruned straight to a measured 2x at batch 1 with `--budget-metric latency` (the toolkit's own
+check times the exported graph), or with `--flops F` to F times fewer FLOPs (then timed).
+Cells are checkpointed in bench/checkpoints/latency_floor.json.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from bench import latency as L
 from bench import latency_methods as lm
 from bench.common import machine, write_section
 from bench.latency_search import CellStore
+from compressor.budget import Budget
 from compressor.errors import CompressorError, InputError
 from compressor.surgery.fit import check_min_keep
 from exporters.latency import graph_measurer
@@ -29,34 +32,51 @@ METHODS = ("BAR-tied", "GSS-structured")
 TARGET = 2.0
 
 
-def floor_cell(ctx: L.Context, name: str, floor: float) -> dict:
-    """`name` at a measured 2x (batch 1) with every layer kept at `floor` or more."""
+def floor_cell(ctx: L.Context, name: str, floor: float, flops: float | None = None) -> dict:
+    """`name` at a measured 2x (batch 1), or at `flops` times fewer FLOPs, with every layer
+    kept at `floor` or more."""
     row = {"model": ctx.arch, "method": name, "floor": floor}
-    measure = graph_measurer(ctx.example, threads=1, batches=(1,))
     try:
-        model, info = lm.build_latency_model(
-            name, ctx.dense, ctx.data, TARGET, align=lm.ALIGN, epochs=ctx.setup.epochs,
-            measure=measure, extra={"min_keep": floor},
-        )  # fmt: skip
+        if flops is None:
+            model, info = lm.build_latency_model(
+                name, ctx.dense, ctx.data, TARGET, align=lm.ALIGN, epochs=ctx.setup.epochs,
+                measure=graph_measurer(ctx.example, threads=1, batches=(1,)),
+                extra={"min_keep": floor},
+            )  # fmt: skip
+        else:
+            options = lm.schedule(name, ctx.setup.epochs, probe=False)
+            options |= {"round_to": lm.ALIGN, "min_keep": floor}
+            budget = Budget("flops", 1.0 / flops)
+            model, info = lm.prune_ours(name, ctx.dense, ctx.data, budget, options).model, {}
     except CompressorError as exc:  # the toolkit's check missed: a result, not a crash
         return row | {"error": str(exc).splitlines()[0]}
     result = L.measured(ctx, model, ctx.setup.batches_timed, ctx.setup.rounds)
-    met = abs(result["speedup"]["1"] / TARGET - 1) <= ctx.setup.tolerance
+    met = flops is not None or abs(result["speedup"]["1"] / TARGET - 1) <= ctx.setup.tolerance
     return row | {"met": met} | L.describe(ctx, model, result) | info
+
+
+def budget_of(args) -> str:
+    return f"{args.flops:g}x FLOPs" if args.flops else f"{TARGET:g}x latency"
+
+
+def budget_key(row: dict) -> str:
+    return row.get("budget", f"{TARGET:g}x latency")  # cells of the first run: latency
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | method | floor | top-1 % | speed-up b1 | speed-up b32 | FLOPs x | live channels |",
-        "|---|---|---|---|---|---|---|---|",
+        "| budget | model | method | floor | top-1 % | speed-up b1 | speed-up b32 | FLOPs x "
+        "| live channels |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        head = f"| {budget_key(r)} | {r['model']} | {r['method']} | {r['floor']:g}"
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['method']} | {r['floor']:g} | {r['error']} |||||")
+            lines.append(f"{head} | {r['error']} |||||")
             continue
         channels = ",".join(str(c) for c in r["channels"].values())
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['floor']:g} | {r['top-1 %']} | "
+            f"{head} | {r['top-1 %']} | "
             f"{r['speed-up b1']:.2f}x{'' if r['met'] else ' (missed)'} | "
             f"{r['speed-up b32']:.2f}x | {r['FLOPs x']:.2f}x | {channels} |"
         )
@@ -68,6 +88,7 @@ def main() -> None:
     parser.add_argument("--archs", default=",".join(L.Setup.archs))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--floors", default=",".join(f"{f:g}" for f in FLOORS))
+    parser.add_argument("--flops", type=float, help="a FLOP budget (e.g. 4) instead of 2x latency")
     args = parser.parse_args()
     torch.set_num_threads(1)  # a shared machine: more threads only contend
     setup = L.REDUCED
@@ -83,30 +104,33 @@ def main() -> None:
         )
     store = CellStore(L.CHECKPOINTS / "latency_floor.json", L.settings_of(setup))
     flags = f" --archs {args.archs} --methods {args.methods} --floors {args.floors}"
+    flags += f" --flops {args.flops:g}" if args.flops else ""
+    suffix = f"/flops{args.flops:g}" if args.flops else ""
     for arch in archs:
         ctx = L.context(setup, arch)
         for name in methods:
             for floor in floors:
-                key = f"{arch}/{name}/{floor:g}"
+                key = f"{arch}/{name}/{floor:g}{suffix}"
 
                 def compute(ctx=ctx, name=name, floor=floor) -> dict:
                     start = time.perf_counter()
-                    row = floor_cell(ctx, name, floor)
+                    row = floor_cell(ctx, name, floor, args.flops) | {"budget": budget_of(args)}
                     return row | {"cell s": round(time.perf_counter() - start), "run": flags}
 
                 store.run(key, compute)
                 print(f"{key}: done", flush=True)
-    rows = sorted(store.cells.values(), key=lambda r: (r["model"], r["method"], r["floor"]))
+    order = (budget_key, lambda r: r["model"], lambda r: r["method"], lambda r: r["floor"])
+    rows = sorted(store.cells.values(), key=lambda r: tuple(key(r) for key in order))
     commands = ", ".join(
         f"`.venv/bin/python -m bench.latency_floor{run}`"
         for run in dict.fromkeys(r["run"] for r in rows)
     )
     body = (
-        "## The latency budget's layer floor (`min_keep`)\n\n"
+        "## The structured methods' layer floor (`min_keep`)\n\n"
         f"Every cell of {commands} ({machine()}). Each row is pruned straight to a "
-        "measured 2x at batch 1 (`--budget-metric latency`, round_to 8, 3 epochs on 5k "
-        "Fashion-MNIST images, onnxruntime 1 thread); live channels per conv in model "
-        "order.\n\n" + table(rows)
+        "measured 2x at batch 1 (`--budget-metric latency`) or to a FLOP budget, round_to "
+        "8, 3 epochs on 5k Fashion-MNIST images, onnxruntime 1 thread; live channels per "
+        "conv in model order.\n\n" + table(rows)
     )
     write_section("latency_floor", body)
 

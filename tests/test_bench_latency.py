@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -198,7 +199,34 @@ def test_floor_table_marks_misses_and_failed_checks():
         row | {"floor": 0.0, "met": False, "speed-up b1": 1.5},
         {"model": "resnet20", "method": "GSS-structured", "floor": 0.5, "error": "gss: missed"},
     ]
+    rows.append(row | {"floor": 0.0, "met": True, "budget": "4x FLOPs", "top-1 %": 79.93})
     lines = table(rows).splitlines()
-    assert lines[2] == "| resnet20 | BAR-tied | 0.375 | 83.75 | 1.95x | 1.87x | 4.22x | 8,16 |"
+    latency = "| 2x latency | resnet20 | BAR-tied | 0.375 | 83.75 | 1.95x | 1.87x | 4.22x | 8,16 |"
+    assert lines[2] == latency
     assert "| 1.50x (missed) |" in lines[3]
-    assert lines[4].startswith("| resnet20 | GSS-structured | 0.5 | gss: missed |")
+    assert lines[4].startswith("| 2x latency | resnet20 | GSS-structured | 0.5 | gss: missed |")
+    assert lines[5].startswith("| 4x FLOPs | resnet20 | BAR-tied | 0 | 79.93 | 1.95x |")
+
+
+def test_gate_steps_schedules_parse_and_the_table_takes_medians_against_tp():
+    from bench.bar_gate_steps import parse_schedule, table
+
+    assert parse_schedule("1e+2") == {"finetune_epochs": 2, "epochs": 1}
+    assert parse_schedule("20s+3") == {"finetune_epochs": 3, "epochs": 1, "gate_steps": 20}
+    for bad in ("20x+3", "0s+3", "20s", "s+3"):
+        with pytest.raises(ValueError, match=f"schedule '{re.escape(bad)}': give gates"):
+            parse_schedule(bad)
+    base = {"model": "resnet20", "met": True, "speed-up b1": 2.0, "FLOPs x": 4.0}
+    rows = [
+        base | {"method": "Torch-Pruning", "schedule": "3", "seed": 0, "top-1 %": 85.0},
+        base | {"method": "BAR-tied", "schedule": "20s+3", "seed": 1, "top-1 %": 84.0},
+        base | {"method": "BAR-tied", "schedule": "20s+3", "seed": 0, "top-1 %": 86.5},
+        base | {"method": "BAR-tied", "schedule": "20s+3", "seed": 2, "top-1 %": 85.5},
+        {"model": "resnet20", "method": "BAR-tied", "schedule": "1e+2", "seed": 0, "error": "x"},
+    ]
+    lines = table(rows).splitlines()
+    assert lines[2] == "| resnet20 | BAR-tied | 1e+2 | x ||||||"
+    assert lines[3] == (
+        "| resnet20 | BAR-tied | 20s+3 | 3 | 85.50 | +0.50 | 2.00x | 4.00x | 86.5 / 84.0 / 85.5 |"
+    )
+    assert lines[4].startswith("| resnet20 | Torch-Pruning | 3 | 1 | 85.00 |  |")
