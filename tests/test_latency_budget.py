@@ -18,7 +18,7 @@ from compressor.methods import get_method, prune
 from compressor.methods.driver import REFIT_FROM
 from compressor.stats import measure
 from compressor.surgery.cost import CostModel
-from compressor.surgery.fit import LATENCY_FLOOR
+from compressor.surgery.fit import DEFAULT_FLOOR
 from compressor.surgery.latency import LatencyModel, LatencyTable, OrtLayerTimer, rate_multiple
 from compressor.surgery.pricing import latency_table
 from tests.test_surgery_latency import FakeTimer
@@ -446,20 +446,27 @@ def _conv(module) -> bool:
 
 @pytest.mark.parametrize("method", ["bar", "gss"])
 def test_under_latency_every_layer_keeps_its_floor(method, fake_table, small_digits):
-    """No unit collapses while others stay wide: each keeps LATENCY_FLOOR of its channels."""
+    """No unit collapses while others stay wide: each keeps DEFAULT_FLOOR of its channels
+    under a latency budget (BAR under FLOPs too)."""
     result = prune(_model("resnet20"), method, Budget("latency", 0.5), small_digits, **FAST[method])
     report = result.report
-    assert report["config"]["min_keep"] == LATENCY_FLOOR  # the floor used, not the None
+    assert report["config"]["min_keep"] == DEFAULT_FLOOR  # the floor used, not the None
     dense = {n: m.out_channels for n, m in _model("resnet20").named_modules() if _conv(m)}
     kept = {n: m.out_channels for n, m in result.model.named_modules() if _conv(m)}
     assert kept.keys() == dense.keys() and kept != dense
     for name, channels in dense.items():
-        assert kept[name] >= math.ceil(LATENCY_FLOOR * channels), (name, kept[name])
+        assert kept[name] >= math.ceil(DEFAULT_FLOOR * channels), (name, kept[name])
     if method == "bar":
         note = report["budget_step"]["note"]
-        assert f"(every layer keeps {LATENCY_FLOOR:.3g} of its channels or more)" in note
+        assert f"(every layer keeps {DEFAULT_FLOOR:.3g} of its channels or more)" in note
     flops = prune(_model("resnet20"), method, Budget("flops", 0.5), small_digits, **FAST[method])
-    assert flops.report["config"]["min_keep"] == 0.0  # the scores alone decide under FLOPs
+    # BAR keeps the floor under FLOPs too; GSS's ranks decide alone there (measured worse)
+    assert flops.report["config"]["min_keep"] == (DEFAULT_FLOOR if method == "bar" else 0.0)
+    if method == "bar":  # volume, the paper's own metric: no floor
+        volume = prune(
+            _model("resnet20"), "bar", Budget("volume", 0.5), small_digits, **FAST[method]
+        )
+        assert volume.report["config"]["min_keep"] == 0.0
 
 
 @pytest.mark.parametrize("method", ["bar", "gss"])

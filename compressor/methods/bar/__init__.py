@@ -62,11 +62,11 @@ Choices of ours, where METHODS.md is silent or we depart from it:
 * For the latency metric (a per-layer onnxruntime table, surgery/latency.py) A_l is that
   FLOP weight times the unit's own ms per MAC: what the table saves per MAC saved when the
   unit keeps half its channels (`Pricer.rate`); V and the budget step use the table itself.
-* Under a latency budget every unit keeps `min_keep` (0.375) of its channels or more (best
-  log alpha), halving while the budget cannot afford it (METHODS.md has none). Why: priced
-  by the table the gates collapse whole stages and streams to 8 channels, which costs more
-  FLOPs per ms saved and fine-tunes worse. 2x, tied, 3 epochs: 76.45 -> 83.75 % top-1 on
-  ResNet-20, +1.6 / +1.7 on ResNet-56 / MobileNetV2 (bench/RESULTS.md latency_floor).
+* Under FLOP and latency budgets every unit keeps `min_keep` (0.375) of its channels or more
+  (best log alpha), halving while the budget cannot afford it (METHODS.md has none). Why: the
+  gates collapse whole stages and streams to 8 channels, which fine-tune worse. Tied, 3
+  epochs, ResNet-20 / -56 / MobileNetV2: +7.30 / +1.58 / +1.72 top-1 at 2x measured, +1.92 /
+  +1.21 / +1.17 at 4x FLOPs; mixed at 4x FLOPs 0 / 0 / +0.64 (bench/RESULTS.md latency_floor).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class BarConfig(MethodConfig):
     # budget the multiple where the measured table's kernel rate steps up
     round_to: int | None = None
     # Every unit keeps this share of its channels or more while the budget allows (ours);
-    # None: fit.LATENCY_FLOOR under a latency budget, else 0 (the gates alone decide)
+    # None: fit.DEFAULT_FLOOR under FLOP and latency budgets, else 0 (gates alone decide)
     min_keep: float | None = None
 
     # --- Distillation (METHODS.md: objective): L_task is KD from the dense model.
@@ -367,7 +367,7 @@ class Bar(Method):
             low,
             start=self.learned_masks(),
             round_to=self.round_to,
-            floor=floor_of(self.config.min_keep, self.budget.metric),
+            floor=floor_of(self.config.min_keep, self.budget.metric, ("flops", "latency")),
         )
         self.min_keep = self.adjustment.floor
         self.pricer.save()
