@@ -104,8 +104,9 @@ def aligned_counts(size: int, fixed: int, round_to: int = 1) -> list[int]:
 # 0.25 / 0.5: 81.65 / 83.43), ResNet-56 81.62 -> 83.20, MobileNetV2 82.13 -> 83.85;
 # structured GSS 80.10 -> 81.49, 82.20 -> 82.20, 67.99 -> 77.31. 4x FLOPs: BAR tied
 # 79.93 -> 81.85, 81.41 -> 82.62, 82.67 -> 83.84, mixed 84.14 / 82.91 the same, 83.26 ->
-# 83.90; GSS 80.61 -> 81.34 on ResNet-20 but 78.16 -> 77.24 on MobileNetV2, so GSS keeps
-# none under FLOPs. Volume (the BAR paper's own metric) is not measured and keeps none.
+# 83.90; GSS 80.61 -> 81.34 on ResNet-20 but 81.46 -> 81.09 and 78.16 -> 77.24 on
+# ResNet-56 / MobileNetV2, so GSS keeps none under FLOPs. Volume (the BAR paper's own
+# metric) is not measured and keeps none.
 DEFAULT_FLOOR = 0.375
 
 

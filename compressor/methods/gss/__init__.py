@@ -32,7 +32,7 @@ latency budget). Why: priced by the latency table, the cut left MobileNetV2's ex
 8 channels; at 2x measured (bench.latency_floor, 3 epochs) MobileNetV2 keeps 77.31 % top-1 where
 it kept 67.99, ResNet-20 81.49 where 80.10, ResNet-56 the same 82.20 (the floor was met).
 FLOP budgets keep no floor unless asked (`--set min_keep=`): at 4x FLOPs it gave ResNet-20
-81.34 where 80.61 but MobileNetV2 77.24 where 78.16 (BAR's default has one there).
+81.34 where 80.61 but ResNet-56 / MobileNetV2 81.09 / 77.24 where 81.46 / 78.16.
 
 `--pattern` (element variant, prune=budget): the ranked cut's scores summed per block, or
 the top-N of every N:M group on the layers that lose least (gss.prune.pattern_element_masks).
