@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
@@ -143,18 +142,9 @@ def main() -> None:
                     ctx, schedule, seed
                 )
         for key, job in jobs.items():
-
-            def compute(job=job) -> dict:
-                start = time.perf_counter()
-                return job() | {"cell s": round(time.perf_counter() - start), "run": flags}
-
-            store.run(key, compute)
-            print(f"{key}: done", flush=True)
+            store.run_timed(key, job, flags)
     rows = list(store.cells.values())
-    commands = ", ".join(
-        f"`.venv/bin/python -m bench.bar_gate_steps{run}`"
-        for run in dict.fromkeys(r["run"] for r in rows)
-    )
+    commands = store.commands("bench.bar_gate_steps")
     body = (
         "## BAR's gate phase in steps (`gate_steps`) against Torch-Pruning at 2x\n\n"
         f"Every cell of {commands} ({machine()}). BAR-tied is pruned straight to a measured "

@@ -14,7 +14,6 @@ Cells are checkpointed in bench/checkpoints/latency_floor.json.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -112,19 +111,13 @@ def main() -> None:
             for floor in floors:
                 key = f"{arch}/{name}/{floor:g}{suffix}"
 
-                def compute(ctx=ctx, name=name, floor=floor) -> dict:
-                    start = time.perf_counter()
-                    row = floor_cell(ctx, name, floor, args.flops) | {"budget": budget_of(args)}
-                    return row | {"cell s": round(time.perf_counter() - start), "run": flags}
+                def job(ctx=ctx, name=name, floor=floor) -> dict:
+                    return floor_cell(ctx, name, floor, args.flops) | {"budget": budget_of(args)}
 
-                store.run(key, compute)
-                print(f"{key}: done", flush=True)
+                store.run_timed(key, job, flags)
     order = (budget_key, lambda r: r["model"], lambda r: r["method"], lambda r: r["floor"])
     rows = sorted(store.cells.values(), key=lambda r: tuple(key(r) for key in order))
-    commands = ", ".join(
-        f"`.venv/bin/python -m bench.latency_floor{run}`"
-        for run in dict.fromkeys(r["run"] for r in rows)
-    )
+    commands = store.commands("bench.latency_floor")
     body = (
         "## The structured methods' layer floor (`min_keep`)\n\n"
         f"Every cell of {commands} ({machine()}). Each row is pruned straight to a "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,23 @@ class CellStore:
             self.cells[key] = compute()
             self._save()
         return self.cells[key]
+
+    def run_timed(self, key: str, job: Callable[[], dict], flags: str) -> dict:
+        """`run` of `job`, whose row also records its seconds and the flags of the command
+        that made it (`commands`); prints the key when done."""
+
+        def compute() -> dict:
+            start = time.perf_counter()
+            return job() | {"cell s": round(time.perf_counter() - start), "run": flags}
+
+        row = self.run(key, compute)
+        print(f"{key}: done", flush=True)
+        return row
+
+    def commands(self, module: str) -> str:
+        """The commands that made the stored cells (`run_timed`), in run order, as code."""
+        runs = dict.fromkeys(cell["run"] for cell in self.cells.values())
+        return ", ".join(f"`.venv/bin/python -m {module}{run}`" for run in runs)
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

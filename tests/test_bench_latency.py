@@ -230,3 +230,18 @@ def test_gate_steps_schedules_parse_and_the_table_takes_medians_against_tp():
         "| resnet20 | BAR-tied | 20s+3 | 3 | 85.50 | +0.50 | 2.00x | 4.00x | 86.5 / 84.0 / 85.5 |"
     )
     assert lines[4].startswith("| resnet20 | Torch-Pruning | 3 | 1 | 85.00 |  |")
+
+
+def test_timed_cells_record_their_command_and_are_not_run_again(tmp_path, capsys):
+    path, calls = tmp_path / "cells.json", []
+    store = CellStore(path)
+    store.run_timed("a", lambda: calls.append("a") or {"x": 1}, " --seeds 0")
+    store.run_timed("b", lambda: calls.append("b") or {"x": 2}, " --seeds 1")
+    again = CellStore(path)
+    assert again.run_timed("a", lambda: calls.append("a again") or {}, " --seeds 9")["x"] == 1
+    assert calls == ["a", "b"] and again.cells["b"]["run"] == " --seeds 1"
+    assert again.cells["a"]["cell s"] == 0
+    assert again.commands("bench.x") == (
+        "`.venv/bin/python -m bench.x --seeds 0`, `.venv/bin/python -m bench.x --seeds 1`"
+    )
+    assert capsys.readouterr().out.splitlines() == ["a: done", "b: done", "a: done"]
