@@ -130,6 +130,12 @@ def main() -> None:
     except ValueError as exc:
         parser.error(str(exc))  # exit 2: bad usage
     grid = json.loads((L.CHECKPOINTS / "latency-reduced.json").read_text())["cells"]
+    missing = [arch for arch in archs if f"{arch}/{lm.TP}/2x/b1" not in grid]
+    if missing:
+        parser.error(
+            f"no Torch-Pruning 2x batch-1 row for {missing} in the grid's checkpoint; run "
+            "bench.latency --reduced --methods Torch-Pruning --targets 2 --batches 1 first"
+        )
     store = CellStore(L.CHECKPOINTS / "bar_gate_steps.json", L.settings_of(setup))
     flags = f" --archs {args.archs} --schedules {args.schedules} --seeds {args.seeds}"
     for arch in archs:
