@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--floors", default=",".join(f"{f:g}" for f in FLOORS))
     parser.add_argument("--flops", type=float, help="a FLOP budget (e.g. 4) instead of 2x latency")
     args = parser.parse_args()
+    if args.flops is not None and not 1 < args.flops < float("inf"):  # a budget that cuts
+        parser.error(f"--flops {args.flops:g}: give the FLOP reduction, above 1, e.g. --flops 4")
     torch.set_num_threads(1)  # a shared machine: more threads only contend
     setup = L.REDUCED
     archs, methods = args.archs.split(","), args.methods.split(",")
