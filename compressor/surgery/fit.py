@@ -122,7 +122,7 @@ def check_min_keep(value) -> float | None:
     return float(value)
 
 
-def floor_of(min_keep: float | None, metric: str, floored: tuple[str, ...] = ("latency",)) -> float:
+def floor_of(min_keep: float | None, metric: str, floored: tuple[str, ...]) -> float:
     """The fitter's floor: `min_keep` when given, else DEFAULT_FLOOR under the budget metrics
     `floored` names (the method's), else 0."""
     if min_keep is not None:

@@ -315,7 +315,7 @@ class Gss(Method):
                 target,
                 target - slack,
                 round_to=self.extra["round_to"],
-                floor=floor_of(self.config.min_keep, self.budget.metric),
+                floor=floor_of(self.config.min_keep, self.budget.metric, ("latency",)),
             )
             self.extra["min_keep"] = fit.floor
             pricer.save()
